@@ -1,0 +1,43 @@
+"""`LayerFactory`: builds each named linear layer as `nn.Dense` or `DiagDense` by config."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dynadiag_jax.diag_dense import DiagDense
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFactory:
+  """factory(name, features) -> a linear module called `name`.
+
+  `sparsity` maps module names to a sparsity; names absent from it are `nn.Dense`.
+  Models name linear layers by role ('mlp_in', 'attn_out', 'head', ...) so that one
+  name covers the same-shaped layer of every block.
+  """
+  sparsity: tuple[tuple[str, float], ...] = ()
+  backend: str = "auto"
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @classmethod
+  def from_dict(cls, sparsity: Mapping[str, float], **kw) -> "LayerFactory":
+    """A factory from a {name: sparsity} dict."""
+    return cls(tuple(sorted((str(k), float(v)) for k, v in sparsity.items())), **kw)
+
+  def replace(self, **kw) -> "LayerFactory":
+    return dataclasses.replace(self, **kw)
+
+  def __call__(self, name: str, features: int, use_bias: bool = True,
+               kernel_init: nn.initializers.Initializer | None = None) -> nn.Module:
+    s = dict(self.sparsity).get(name)
+    if s is None:
+      kw = {} if kernel_init is None else {"kernel_init": kernel_init}
+      return nn.Dense(features, use_bias=use_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=name, **kw)
+    return DiagDense(features, sparsity=s, use_bias=use_bias, dtype=self.dtype,
+                     param_dtype=self.param_dtype, backend=self.backend, name=name)

@@ -1,0 +1,102 @@
+"""`diag_matmul`: x @ W for a K-diagonal W, one custom_vjp over switchable backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dynadiag_jax import pattern
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """The three products a backend supplies; m, n are static ints, o_K int32 (maybe traced).
+
+  fwd(x_BxM, v_KxD, o_K, m, n) -> y_BxN        y = x @ W
+  dx(dy_BxN, v_KxD, o_K, m, n) -> dx_BxM      dx = dy @ W.T (a diagonal pattern again)
+  dv(x_BxM, dy_BxN, o_K, m, n) -> dv_KxD      dv[k, t] = sum_b x[b, row] * dy[b, col]
+  """
+  name: str
+  fwd: Callable
+  dx: Callable
+  dv: Callable
+
+
+_BACKENDS: dict[str, Backend] = {}
+# Backends whose module registers them on import, loaded only when first asked for.
+_LAZY = {"pallas": "pallas_kernels.diag"}
+NAMES = ("auto", "dense", "pallas")
+
+
+def register_backend(backend: Backend) -> None:
+  """Makes `backend` available to `diag_matmul(..., backend=backend.name)`."""
+  _BACKENDS[backend.name] = backend
+
+
+def resolve_backend(name: str) -> Backend:
+  """The Backend for `name`; 'auto' is pallas on GPU, dense elsewhere."""
+  if name == "auto":
+    name = "pallas" if jax.default_backend() == "gpu" else "dense"
+  if name not in _BACKENDS and name in _LAZY:
+    importlib.import_module(_LAZY[name])
+  if name not in _BACKENDS:
+    raise ValueError(f"unknown diag_matmul backend {name!r}; choose one of "
+                     f"{sorted(set(NAMES) | set(_BACKENDS))}")
+  return _BACKENDS[name]
+
+
+# -- dense backend: the correctness reference, and the fastest path on CPU. --------------
+
+def _dense_fwd(x_BxM, v_KxD, o_K, m, n):
+  return x_BxM @ pattern.densify(v_KxD, o_K, m, n)
+
+
+def _dense_dx(dy_BxN, v_KxD, o_K, m, n):
+  return dy_BxN @ pattern.densify(v_KxD, o_K, m, n).T
+
+
+def _dense_dv(x_BxM, dy_BxN, o_K, m, n):
+  dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, preferred_element_type=jnp.float32)
+  return pattern.gather_diagonals(dw_MxN, o_K, m, n)
+
+
+register_backend(Backend("dense", _dense_fwd, _dense_dx, _dense_dv))
+
+
+# -- the primitive -------------------------------------------------------------------------
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _diag_matmul(x_BxM, v_KxD, o_K, m, n, backend):
+  return resolve_backend(backend).fwd(x_BxM, v_KxD, o_K, m, n)
+
+
+def _fwd(x_BxM, v_KxD, o_K, m, n, backend):
+  return _diag_matmul(x_BxM, v_KxD, o_K, m, n, backend), (x_BxM, v_KxD, o_K)
+
+
+def _bwd(m, n, backend, res, dy_BxN):
+  x_BxM, v_KxD, o_K = res
+  be = resolve_backend(backend)
+  dx_BxM = be.dx(dy_BxN, v_KxD, o_K, m, n).astype(x_BxM.dtype)
+  dv_KxD = be.dv(x_BxM, dy_BxN, o_K, m, n).astype(v_KxD.dtype)
+  return dx_BxM, dv_KxD, None
+
+
+_diag_matmul.defvjp(_fwd, _bwd)
+
+
+def diag_matmul(x, values, offsets, m: int, n: int, backend: str = "auto") -> jax.Array:
+  """y_...xN = x_...xM @ W, W the (m, n) kernel with values_KxD on diagonals offsets_K."""
+  pattern.check_values(values, offsets, m, n)
+  be = resolve_backend(backend)  # fail early on an unknown name
+  if x.shape[-1] != m:
+    raise ValueError(f"x has {x.shape[-1]} features on its last axis, the kernel needs {m}")
+  lead = x.shape[:-1]
+  o_K = jnp.asarray(offsets, jnp.int32)
+  y_BxN = _diag_matmul(x.reshape(-1, m), values, o_K, m, n, be.name)
+  return y_BxN.reshape(*lead, n)
