@@ -1,0 +1,140 @@
+"""Phase changes on a model's variables: temperature, active diagonals and the freeze."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynadiag_jax import gates, schedules
+from dynadiag_jax.diag_dense import COLLECTION
+
+Path = tuple[str, ...]
+
+
+def _to_dict(tree):
+  return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
+
+
+def exploring_layers(variables: Mapping[str, Any]) -> list[Path]:
+  """Paths (in `params`) of the DiagDense layers that still learn their diagonals."""
+  found = []
+
+  def walk(node, path):
+    if isinstance(node, Mapping):
+      if "temperature" in node and "active" in node:
+        found.append(path)
+        return
+      for key, child in node.items():
+        walk(child, path + (key,))
+
+  walk(variables.get(COLLECTION, {}), ())
+  return found
+
+
+def _get(tree, path: Path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _replace_at(tree, path: Path, fn):
+  """A copy of nested dict `tree` with the node at `path` replaced by fn(node)."""
+  if not path:
+    return fn(tree)
+  out = dict(tree)
+  out[path[0]] = _replace_at(tree[path[0]], path[1:], fn)
+  return out
+
+
+def set_temperature(variables: Mapping[str, Any], temperature) -> dict:
+  """Variables with every exploring layer's `dynadiag/temperature` set to `temperature`."""
+  out = _to_dict(variables)
+  for path in exploring_layers(out):
+    out = _replace_at(out, (COLLECTION,) + path, lambda d: {
+        **d, "temperature": jnp.full_like(d["temperature"], temperature, jnp.float32)})
+  return out
+
+
+def set_k_active(variables: Mapping[str, Any], level: float,
+                 k_start_fraction: float = 1.0) -> dict:
+  """Variables whose layers compute K + round(level * (K_start - K)) diagonals.
+
+  `level` comes from `Schedule.level(step)`; the length of `dynadiag/active` is static,
+  so each new level recompiles a jitted step once. Runs on the host.
+  """
+  out = _to_dict(variables)
+  for path in exploring_layers(out):
+    alpha = np.asarray(_get(out["params"], path)["alpha"])
+    col = _get(out[COLLECTION], path)
+    lead = np.shape(col["k"])  # leading axes of replicated (pmap) variables
+    k = int(np.asarray(col["k"]).reshape(-1)[0])
+    ka = schedules.k_active(alpha.shape[-1], k, level, k_start_fraction)
+    if col["active"].shape[-1] == ka:
+      continue
+    a = alpha.reshape(-1, alpha.shape[-1])[0]
+    act = np.sort(np.argsort(-a, kind="stable")[:ka]).astype(np.int32)
+    act = jnp.asarray(np.broadcast_to(act, lead + (ka,)))
+    out = _replace_at(out, (COLLECTION,) + path, lambda d: {**d, "active": act})
+  return out
+
+
+def _layer_choice(params: Mapping, col: Mapping) -> tuple[np.ndarray, jax.Array, int]:
+  """(kept offsets_K, gates g_P, P) of one exploring layer."""
+  alpha = jnp.asarray(params["alpha"])
+  if alpha.ndim != 1:
+    raise ValueError("freeze takes un-replicated variables (alpha of shape (P,)), got "
+                     f"alpha of shape {alpha.shape}; unreplicate pmapped state first")
+  k = int(col["k"])
+  g = gates.soft_topk(alpha.astype(jnp.float32), k, col["temperature"])
+  return np.asarray(gates.topk_indices(alpha, k)), g, alpha.shape[0]
+
+
+def _map_state(node, fn, path: Path = ()):
+  """Rebuilds an optimizer state, calling fn(path, dict) on every dict node first."""
+  if isinstance(node, Mapping):
+    node = fn(path, dict(node))
+    return {k: _map_state(v, fn, path + (k,)) for k, v in node.items()}
+  if isinstance(node, tuple) and hasattr(node, "_fields"):
+    return type(node)(*(_map_state(c, fn, path) for c in node))
+  if isinstance(node, (tuple, list)):
+    return type(node)(_map_state(c, fn, path) for c in node)
+  return node
+
+
+def freeze(variables: Mapping[str, Any], opt_state: Any = None) -> tuple[dict, Any]:
+  """(variables, opt_state) after the freeze transition (DESIGN.md section 3).
+
+  Every exploring DiagDense keeps the top-K diagonals of alpha, folds their gates into
+  `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`.
+  Optimizer-state entries shaped like a layer's params (Adam moments, ...) are gathered
+  the same way. Takes un-replicated variables; runs on the host, outside jit.
+  """
+  out = _to_dict(variables)
+  choice: dict[Path, tuple[np.ndarray, int]] = {}
+  for path in exploring_layers(out):
+    layer = _get(out["params"], path)
+    idx, g_P, p = _layer_choice(layer, _get(out[COLLECTION], path))
+    choice[path] = (idx, p)
+    v = layer["values"]
+    folded = (g_P[idx, None] * jnp.asarray(v, jnp.float32)[idx]).astype(v.dtype)
+    out = _replace_at(out, ("params",) + path, lambda d: {
+        **{k: x for k, x in d.items() if k not in ("alpha", "values")}, "values": folded})
+    out = _replace_at(out, (COLLECTION,) + path,
+                      lambda d: {"offsets": jnp.asarray(idx, jnp.int32)})
+
+  def gather(path: Path, node: dict) -> dict:
+    hits = [lp for lp in choice if path[len(path) - len(lp):] == lp and len(lp) <= len(path)]
+    if not hits or "alpha" not in node:
+      return node
+    idx, p = choice[max(hits, key=len)]
+    node = {k: v for k, v in node.items() if k != "alpha"}
+    v = node.get("values")
+    if hasattr(v, "shape") and v.ndim >= 1 and v.shape[0] == p:
+      node["values"] = jnp.asarray(v)[idx]
+    return node
+
+  return out, (None if opt_state is None else _map_state(opt_state, gather))

@@ -1,0 +1,75 @@
+"""Records every linear layer a model calls: its path, kind and (m, n) shape."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from dynadiag_jax import pattern
+from dynadiag_jax.diag_dense import COLLECTION, DiagDense
+
+
+@dataclasses.dataclass
+class LinearCall:
+  """One linear module as seen in a forward pass."""
+  path: tuple[str, ...]
+  name: str
+  sparse: bool
+  m: int
+  n: int
+  rows: int  # rows of x per call (batch x tokens)
+  use_bias: bool
+  k: int  # kept diagonals (P for nn.Dense)
+  k_active: int  # diagonals computed now (K after freezing; P for nn.Dense)
+  frozen: bool
+
+  @property
+  def p(self) -> int:
+    return pattern.num_diagonals(self.m, self.n)
+
+  @property
+  def d(self) -> int:
+    return pattern.diag_length(self.m, self.n)
+
+  @property
+  def nonzeros(self) -> int:
+    """Non-zeros of the effective kernel."""
+    return self.k * self.d if self.sparse else self.m * self.n
+
+
+def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
+                 **kwargs) -> list[LinearCall]:
+  """Each nn.Dense / DiagDense `model` calls on `inputs`, once per module (shapes only)."""
+  seen: dict[tuple[str, ...], LinearCall] = {}
+
+  def intercept(next_fun, args, kw, ctx):
+    mod = ctx.module
+    if ctx.method_name == "__call__" and isinstance(mod, (nn.Dense, DiagDense)):
+      x = args[0]
+      m, n = int(x.shape[-1]), int(mod.features)
+      rows = math.prod(x.shape[:-1])
+      if isinstance(mod, DiagDense):
+        frozen = mod.has_variable(COLLECTION, "offsets")
+        if frozen:
+          k = ka = int(mod.get_variable(COLLECTION, "offsets").shape[-1])
+        else:
+          k = pattern.num_kept(m, n, mod.sparsity)
+          ka = (int(mod.get_variable(COLLECTION, "active").shape[-1])
+                if mod.has_variable(COLLECTION, "active") else pattern.num_diagonals(m, n))
+        call = LinearCall(mod.path, mod.name, True, m, n, rows, mod.use_bias, k, ka, frozen)
+      else:
+        p = pattern.num_diagonals(m, n)
+        call = LinearCall(mod.path, mod.name, False, m, n, rows, mod.use_bias, p, p, False)
+      seen.setdefault(tuple(mod.path), call)
+    return next_fun(*args, **kw)
+
+  with nn.intercept_methods(intercept):
+    if variables is None:
+      jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, method=method, **kwargs))
+    else:
+      jax.eval_shape(lambda v: model.apply(v, *inputs, method=method, **kwargs), variables)
+  return list(seen.values())

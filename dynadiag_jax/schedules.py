@@ -1,0 +1,68 @@
+"""Temperature, active-diagonal and freeze schedules of the exploration phase."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """The DynaDiag schedules (DESIGN.md section 3) for a run of `total_steps` steps.
+
+  Exploration is steps [0, freeze_step): T follows a cosine t_start -> t_end and the
+  number of computed diagonals a cosine from K_start (k_start_fraction * P, at least K)
+  to K, quantised to `num_levels` levels; at freeze_step the pattern is frozen.
+  """
+  total_steps: int
+  freeze_fraction: float = 0.3
+  t_start: float = 5.0
+  t_end: float = 0.05
+  k_start_fraction: float = 1.0
+  num_levels: int = 5
+
+  def __post_init__(self):
+    if self.total_steps < 1:
+      raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+    if not 0.0 <= self.freeze_fraction <= 1.0:
+      raise ValueError(f"freeze_fraction must lie in [0, 1], got {self.freeze_fraction}")
+    if not (self.t_start > 0 and self.t_end > 0):
+      raise ValueError(f"temperatures must be > 0, got {self.t_start}, {self.t_end}")
+    if not 0.0 <= self.k_start_fraction <= 1.0:
+      raise ValueError(f"k_start_fraction must lie in [0, 1], got {self.k_start_fraction}")
+    if self.num_levels < 2:
+      raise ValueError(f"num_levels must be >= 2, got {self.num_levels}")
+
+  @property
+  def freeze_step(self) -> int:
+    """First step of sparse fine-tuning (the freeze transition happens before it)."""
+    return int(round(self.freeze_fraction * self.total_steps))
+
+  @property
+  def temperature(self) -> optax.Schedule:
+    """step -> T: cosine t_start -> t_end over exploration, t_end after (jittable)."""
+    return optax.cosine_decay_schedule(self.t_start, max(self.freeze_step, 1),
+                                       alpha=self.t_end / self.t_start)
+
+  def level(self, step: int) -> float:
+    """Quantised share in [0, 1] of (K_start - K) still active at `step` (host side)."""
+    if step >= self.freeze_step:
+      return 0.0
+    frac = float(optax.cosine_decay_schedule(1.0, self.freeze_step)(step))
+    q = self.num_levels - 1
+    return round(frac * q) / q
+
+  def is_frozen(self, step: int) -> bool:
+    """Whether `step` falls after the freeze transition."""
+    return step >= self.freeze_step
+
+
+def k_active(p: int, k: int, level: float, k_start_fraction: float = 1.0) -> int:
+  """Diagonals computed at `level`: K + round(level * (K_start - K))."""
+  if not 0.0 <= level <= 1.0:
+    raise ValueError(f"level must lie in [0, 1], got {level}")
+  k_start = max(k, min(p, math.ceil(k_start_fraction * p - 1e-9)))
+  return k + int(round(level * (k_start - k)))
