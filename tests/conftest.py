@@ -1,0 +1,19 @@
+"""Test session set-up: four forced CPU devices for pmap tests, fresh random seeds."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+  """A generator on a fresh seed, printed so that a failure can be replayed."""
+  seed = int.from_bytes(os.urandom(4), "little")
+  print(f"{request.node.name}: seed {seed}")
+  return np.random.default_rng(seed)

@@ -1,0 +1,107 @@
+"""DiagDense against an independently built x @ W_eff + b, gradients, init and transforms."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dynadiag_jax as dd
+from dynadiag_jax import gates, pattern
+
+
+def _w_eff(params, col, m, n, k):
+  """W_eff from densify: gates on the top-K_active diagonals of alpha."""
+  g = gates.soft_topk(params["alpha"], k, col["temperature"])
+  ka = col["active"].shape[0]
+  o = np.sort(np.argsort(-np.asarray(params["alpha"]), kind="stable")[:ka])
+  return pattern.densify(np.asarray(g)[o, None] * np.asarray(params["values"])[o], o, m, n)
+
+
+def _randomize(v, rng, level=0.5, temperature=0.3):
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
+  v = {**v, "params": params}
+  v = dd.set_temperature(v, temperature)
+  return dd.set_k_active(v, level)
+
+
+@pytest.mark.parametrize("m,n,s", [(20, 12, 0.75), (12, 20, 0.5), (16, 16, 0.9), (7, 3, 0.0)])
+def test_equals_dense_reference_and_grads(m, n, s, rng):
+  layer = dd.DiagDense(n, sparsity=s, backend="dense")
+  x = jnp.asarray(rng.normal(size=(2, 3, m)), jnp.float32)
+  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng)
+  k = pattern.num_kept(m, n, s)
+  w = _w_eff(v["params"], v["dynadiag"], m, n, k)
+  y = layer.apply(v, x)
+  chex.assert_shape(y, (2, 3, n))
+  chex.assert_trees_all_close(y, x @ w + v["params"]["bias"], rtol=1e-5, atol=1e-5)
+
+  c = jnp.asarray(rng.normal(size=(2, 3, n)), jnp.float32)
+  loss = lambda p, x: (layer.apply({**v, "params": p}, x) * c).sum()
+
+  col = v["dynadiag"]
+  o = np.sort(np.argsort(-np.asarray(v["params"]["alpha"]), kind="stable")[:col["active"].shape[0]])
+
+  def ref_loss(p, x):
+    g = gates.soft_topk(p["alpha"], k, col["temperature"])
+    w = jnp.zeros((m, n)).at[tuple(jnp.asarray(a)[o] for a in pattern.diagonal_coords(m, n))].set(
+        g[o, None] * p["values"][o])
+    return ((x @ w + p["bias"]) * c).sum()
+
+  got = jax.grad(loss, argnums=(0, 1))(v["params"], x)
+  want = jax.grad(ref_loss, argnums=(0, 1))(v["params"], x)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_params_and_collection_layout():
+  v = dd.DiagDense(10, sparsity=0.6).init(jax.random.PRNGKey(0), jnp.ones((1, 25)))
+  chex.assert_shape([v["params"]["alpha"], v["params"]["values"], v["params"]["bias"]],
+                    [(25,), (25, 10), (10,)])
+  np.testing.assert_allclose(v["params"]["alpha"], 1 / 25)
+  assert set(v["dynadiag"]) == {"temperature", "k", "active"}
+  assert int(v["dynadiag"]["k"]) == pattern.num_kept(25, 10, 0.6)
+
+
+@pytest.mark.parametrize("m,n,s", [(256, 128, 0.9), (128, 256, 0.75)])
+def test_init_matches_dense_effective_variance(m, n, s):
+  x = jnp.ones((1, m))
+  v = dd.DiagDense(n, sparsity=s).init(jax.random.PRNGKey(1), x)
+  w = _w_eff(v["params"], v["dynadiag"], m, n, pattern.num_kept(m, n, s))
+  wd = nn.Dense(n).init(jax.random.PRNGKey(1), x)["params"]["kernel"]
+  np.testing.assert_allclose(np.var(w), np.var(wd), rtol=0.1)
+  np.testing.assert_allclose(np.var(w), 1 / m, rtol=0.1)
+
+
+def test_jit_vmap_pmap_and_bf16(rng):
+  layer = dd.DiagDense(6, sparsity=0.5)
+  x = jnp.asarray(rng.normal(size=(4, 2, 9)), jnp.float32)
+  v = layer.init(jax.random.PRNGKey(0), x[0])
+  y = layer.apply(v, x)
+  chex.assert_trees_all_close(jax.jit(layer.apply)(v, x), y, jax.vmap(lambda a: layer.apply(v, a))(x),
+                              rtol=1e-6)
+  nd = jax.local_device_count()
+  xp = jnp.asarray(rng.normal(size=(nd, 2, 9)), jnp.float32)
+  vp = jax.tree.map(lambda a: jnp.broadcast_to(a, (nd,) + a.shape), v)
+  yp = jax.pmap(layer.apply)(vp, xp)
+  chex.assert_trees_all_close(yp, layer.apply(v, xp), rtol=1e-6)
+  yb = dd.DiagDense(6, sparsity=0.5, dtype=jnp.bfloat16).apply(v, x)
+  assert yb.dtype == jnp.bfloat16
+
+
+def test_active_is_written_when_mutable(rng):
+  layer = dd.DiagDense(5, sparsity=0.5)
+  x = jnp.ones((1, 8))
+  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng, level=0.0)
+  _, upd = layer.apply(v, x, mutable=["dynadiag"])
+  want = np.sort(np.argsort(-np.asarray(v["params"]["alpha"]))[:4])
+  np.testing.assert_array_equal(upd["dynadiag"]["active"], want)
+
+
+def test_bad_input_raises():
+  with pytest.raises(ValueError, match="sparsity"):
+    dd.DiagDense(4, sparsity=1.0).init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match="backend"):
+    dd.DiagDense(4, backend="nope").init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+  with pytest.raises(ValueError, match="positive"):
+    dd.DiagDense(0).init(jax.random.PRNGKey(0), jnp.ones((1, 4)))

@@ -1,0 +1,58 @@
+"""Soft and hard top-k gates."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dynadiag_jax import gates
+
+
+@pytest.mark.parametrize("t", [5.0, 1.0, 0.05, 1e-2, 1e-4])
+def test_soft_topk_bounds_and_formula(t, rng):
+  a = jnp.asarray(rng.normal(size=200), jnp.float32)
+  for k in (1, 7, 50, 200):
+    g = gates.soft_topk(a, k, t)
+    chex.assert_tree_all_finite(g)
+    assert float(g.min()) >= 0 and float(g.max()) <= 1
+    assert float(g.sum()) <= k * (1 + 1e-5)
+    a64 = np.asarray(a, np.float64) / t
+    e = np.exp(a64 - a64.max())
+    np.testing.assert_allclose(g, np.minimum(k * e / e.sum(), 1.0), atol=1e-6)
+
+
+def test_soft_topk_grad_finite_at_tiny_temperature(rng):
+  a = jnp.asarray(rng.normal(size=64), jnp.float32)
+  g = jax.grad(lambda a: (gates.soft_topk(a, 8, 1e-4) * jnp.arange(64.0)).sum())(a)
+  chex.assert_tree_all_finite(g)
+
+
+def test_soft_topk_low_temperature_picks_the_largest(rng):
+  a = jnp.asarray(rng.permutation(100).astype(np.float32))
+  g = gates.soft_topk(a, 10, 1e-4)
+  assert int(jnp.argmax(g)) == int(jnp.argmax(a)) and float(g.max()) == 1.0
+
+
+def test_hard_topk(rng):
+  a = jnp.asarray(rng.permutation(50).astype(np.float32))
+  h = gates.hard_topk(a, 5)
+  assert float(h.sum()) == 5
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(h)), np.sort(np.argsort(-np.asarray(a))[:5]))
+  idx = gates.topk_indices(a, 5)
+  assert list(np.asarray(idx)) == sorted(np.asarray(idx))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 64])
+def test_capped_topk_sums_to_k_and_reaches_hard_topk(k, rng):
+  a = jnp.asarray(rng.permutation(64).astype(np.float32) * 0.1)  # gaps of 0.1
+  for t in (5.0, 0.5, 0.05):
+    g = gates.capped_topk(a, k, t)
+    np.testing.assert_allclose(float(g.sum()), k, rtol=1e-5)
+    assert float(g.max()) <= 1 and float(g.min()) >= 0
+  chex.assert_trees_all_close(gates.capped_topk(a, k, 1e-4), gates.hard_topk(a, k), atol=1e-6)
+
+
+def test_capped_topk_equals_soft_topk_without_saturation(rng):
+  a = jnp.asarray(rng.normal(size=100) * 0.01, jnp.float32)
+  chex.assert_trees_all_close(gates.capped_topk(a, 10, 1.0), gates.soft_topk(a, 10, 1.0), rtol=1e-5)

@@ -1,0 +1,57 @@
+"""The optax chain touches alpha only: l1, no decay, frozen after freeze_step."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dynadiag_jax import optim
+
+
+def _params(rng):
+  return {"l": {"alpha": jnp.asarray(rng.normal(size=6), jnp.float32),
+                "values": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32),
+                "bias": jnp.asarray(rng.normal(size=4), jnp.float32)},
+          "d": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+
+
+def test_masks_by_name(rng):
+  p = _params(rng)
+  assert optim.alpha_mask(p) == {"l": {"alpha": True, "values": False, "bias": False},
+                                 "d": {"kernel": False}}
+  assert optim.decay_mask(p) == {"l": {"alpha": False, "values": True, "bias": False},
+                                 "d": {"kernel": True}}
+
+
+def test_l1_on_alpha_only(rng):
+  p = _params(rng)
+  g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+  base = optax.sgd(1.0)
+  tx = optim.wrap(base, l1=0.3)
+  u, _ = tx.update(g, tx.init(p), p)
+  u0, _ = base.update(g, base.init(p), p)
+  chex.assert_trees_all_close(u["l"]["alpha"], u0["l"]["alpha"] - 0.3 * jnp.sign(p["l"]["alpha"]))
+  for path in (("l", "values"), ("l", "bias"), ("d", "kernel")):
+    chex.assert_trees_all_close(u[path[0]][path[1]], u0[path[0]][path[1]])
+
+
+def test_adamw_with_decay_mask_never_decays_alpha(rng):
+  p = _params(rng)
+  zero = jax.tree.map(jnp.zeros_like, p)
+  tx = optim.wrap(optax.adamw(0.1, weight_decay=0.5, mask=optim.decay_mask))
+  u, _ = tx.update(zero, tx.init(p), p)
+  chex.assert_trees_all_close(u["l"]["alpha"], jnp.zeros(6))
+  chex.assert_trees_all_close(u["l"]["values"], -0.1 * 0.5 * p["l"]["values"])
+
+
+def test_alpha_frozen_after_freeze_step(rng):
+  p = _params(rng)
+  tx = optim.wrap(optax.adam(0.1), l1=0.1, freeze_step=3)
+  st = tx.init(p)
+  for i in range(5):
+    g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+    u, st = jax.jit(tx.update)(g, st, p)
+    moved = np.abs(np.asarray(u["l"]["alpha"])).max() > 0
+    assert moved == (i < 3)
+    assert np.abs(np.asarray(u["l"]["values"])).max() > 0

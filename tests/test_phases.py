@@ -1,0 +1,97 @@
+"""Temperature and K_active setters, and the freeze transition."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dynadiag_jax as dd
+
+
+class Net(nn.Module):
+  """Two DiagDense layers and a dense head, nested one level."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(dd.DiagDense(24, sparsity=0.8, name="a")(x))
+    x = nn.relu(Block(name="blk")(x))
+    return nn.Dense(3, name="head")(x)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return dd.DiagDense(11, sparsity=0.5, name="a")(x)  # same name as the outer layer
+
+
+def _setup(rng):
+  x = jnp.asarray(rng.normal(size=(5, 17)), jnp.float32)
+  net = Net()
+  v = net.init(jax.random.PRNGKey(0), x)
+  v["params"] = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
+  return net, x, dd.set_temperature(dd.set_k_active(v, 0.0), 0.2)
+
+
+def test_set_temperature_and_k_active(rng):
+  net, x, v = _setup(rng)
+  assert dd.exploring_layers(v) == [("a",), ("blk", "a")]
+  v1 = dd.set_temperature(v, 0.7)
+  for path in (("a",), ("blk", "a")):
+    col = v1["dynadiag"]
+    for key in path:
+      col = col[key]
+    np.testing.assert_allclose(col["temperature"], 0.7)
+  full = dd.set_k_active(v, 1.0)
+  assert full["dynadiag"]["a"]["active"].shape == (24,)
+  half = dd.set_k_active(v, 0.5)
+  k, p = 5, 24  # num_kept(17, 24, 0.8) = ceil(0.2 * 24) = 5
+  assert half["dynadiag"]["a"]["active"].shape == (k + round(0.5 * (p - k)),)
+  with pytest.raises(ValueError, match="level"):
+    dd.set_k_active(v, 1.5)
+
+
+def test_freeze_preserves_outputs_and_drops_alpha(rng):
+  net, x, v = _setup(rng)
+  tx = optax.adam(1e-3)
+  st = tx.init(v["params"])
+  grads = jax.grad(lambda p: net.apply({**v, "params": p}, x).sum())(v["params"])
+  _, st = tx.update(grads, st, v["params"])
+  y0 = net.apply(v, x)
+  v2, st2 = dd.freeze(v, st)
+  chex.assert_trees_all_close(net.apply(v2, x), y0, atol=1e-5, rtol=1e-5)
+  assert set(v2["params"]["a"]) == {"values", "bias"}
+  assert set(v2["dynadiag"]["a"]) == {"offsets"}
+  chex.assert_shape([v2["params"]["a"]["values"], v2["dynadiag"]["a"]["offsets"]], [(5, 17), (5,)])
+  chex.assert_shape([v2["params"]["blk"]["a"]["values"], v2["dynadiag"]["blk"]["a"]["offsets"]],
+                    [(12, 11), (12,)])
+  assert dd.exploring_layers(v2) == []
+  # Adam moments gathered with the same rows, each layer by its own choice
+  for path, o in ((("a",), v2["dynadiag"]["a"]["offsets"]),
+                  (("blk", "a"), v2["dynadiag"]["blk"]["a"]["offsets"])):
+    old, new = st[0].mu, st2[0].mu
+    for key in path:
+      old, new = old[key], new[key]
+    assert "alpha" not in new
+    chex.assert_trees_all_close(new["values"], old["values"][np.asarray(o)])
+  chex.assert_trees_all_equal(st2[0].mu["head"], st[0].mu["head"])
+  # the new state steps the new params
+  g2 = jax.grad(lambda p: net.apply({**v2, "params": p}, x).sum())(v2["params"])
+  upd, _ = tx.update(g2, st2, v2["params"])
+  chex.assert_trees_all_equal_shapes(upd, v2["params"])
+
+
+def test_freeze_keeps_the_top_k_of_alpha(rng):
+  net, x, v = _setup(rng)
+  v2, _ = dd.freeze(v)
+  a = np.asarray(v["params"]["a"]["alpha"])
+  np.testing.assert_array_equal(v2["dynadiag"]["a"]["offsets"], np.sort(np.argsort(-a)[:5]))
+
+
+def test_freeze_rejects_replicated_state(rng):
+  net, x, v = _setup(rng)
+  rep = jax.tree.map(lambda a: jnp.stack([a, a]), v)
+  with pytest.raises(ValueError, match="un-replicated"):
+    dd.freeze(rep)

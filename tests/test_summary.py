@@ -1,0 +1,28 @@
+"""summarize / totals count stored against dense parameters."""
+
+import jax
+import jax.numpy as jnp
+
+import dynadiag_jax as dd
+from dynadiag_jax import pattern
+from tests.test_allocation import Tower
+
+
+def test_totals_and_table():
+  x = jnp.ones((2, 8, 40))
+  sp = {"up": 0.9, "mid": 0.8}
+  model = Tower(dd.LayerFactory.from_dict(sp, backend="dense"))
+  v = model.init(jax.random.PRNGKey(0), x)
+  t = dd.totals(model, v, x)
+  kd = (pattern.num_kept(40, 300, 0.9) * 40 + 2 * pattern.num_kept(300, 300, 0.8) * 300)
+  dense_k = 300 * 64 + 64 * 17
+  bias = 300 * 3 + 64 + 17
+  assert t["stored_params"] == kd + dense_k + bias
+  assert t["dense_params"] == 40 * 300 + 2 * 300 * 300 + dense_k + bias
+  assert abs(t["sparsity"] - (1 - kd / (40 * 300 + 2 * 300 * 300))) < 1e-12
+  table = dd.summarize(model, v, x)
+  assert "sub/mid" in table and "40x300" in table and f"{t['stored_params']:,}" in table
+  frozen, _ = dd.freeze(dd.set_k_active(v, 0.0))
+  t2 = dd.totals(model, frozen, x)
+  assert (t2["stored_params"], t2["dense_params"]) == (t["stored_params"], t["dense_params"])
+  assert "frozen" in dd.summarize(model, frozen, x)
