@@ -1,0 +1,187 @@
+"""Image data sets read through tfds' array_record data sources (no TensorFlow needed to read).
+
+'mnist5k' and 'digits' are prepared on first use from packages (see builders.py); 'mnist',
+'cifar10', 'cifar100' and 'imagenet2012' must already be prepared in data_dir as array_record
+(tfds decodes their PNG/JPEG bytes with PIL when TensorFlow is absent).
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+from typing import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dynadiag_jax.data import augment as aug
+from dynadiag_jax.data import builders
+from dynadiag_jax.data.errors import DataNotFoundError
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+  """What the pipeline needs to know of one image data set."""
+
+  size: int  # native side (imagenet: the default output side)
+  channels: int
+  num_classes: int
+  mean: tuple[float, ...]  # per channel, on the [0, 1] scale
+  std: tuple[float, ...]
+  eval_split: str = 'test'
+  crop_frac: float = 1.0  # eval: central crop of this fraction of the short side
+  augment: aug.AugmentConfig = aug.AugmentConfig()  # training default
+  cache: bool = True  # small enough to hold decoded in memory
+
+
+_FLIP_PAD = aug.AugmentConfig(crop='pad_crop', pad=4, flip=True)
+INFO = {
+    'mnist5k': ImageInfo(28, 1, 10, (0.1313,), (0.3086,)),
+    'digits': ImageInfo(8, 1, 10, (0.3053,), (0.3759,)),
+    'mnist': ImageInfo(28, 1, 10, (0.1307,), (0.3081,)),
+    'cifar10': ImageInfo(32, 3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+                         augment=_FLIP_PAD),
+    'cifar100': ImageInfo(32, 3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+                          augment=_FLIP_PAD),
+    'imagenet2012': ImageInfo(224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                              eval_split='validation', crop_frac=0.875,
+                              augment=aug.AugmentConfig(crop='random_resized_crop', flip=True),
+                              cache=False),
+}
+
+
+def _prepare_help(name: str, data_dir: str) -> str:
+  """The exact steps that put `name` into data_dir as array_record."""
+  build = f'tfds build {name} --data_dir={data_dir} --file_format=array_record'
+  pip = 'pip install tensorflow tensorflow-datasets==4.9.10 importlib_resources'  # tfds#11212
+  if name == 'imagenet2012':
+    return (f'ImageNet needs a manual download: register at https://image-net.org/download-images, '
+            f'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into '
+            f'{os.path.join(data_dir, "downloads", "manual")}/, then on a machine with TensorFlow '
+            f'({pip}) run: {build}')
+  return (f'On a machine with internet access and TensorFlow ({pip}) run: {build} ; '
+          f'then copy {os.path.join(data_dir, name)} to this machine (same path, or point '
+          f'cfg.data_dir / DYNADIAG_DATA_DIR at it).')
+
+
+def load_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  """The prepared tfds builder of `name`; offline ones are prepared here, others must exist."""
+  if name in builders.OFFLINE:
+    return builders.prepare(name, data_dir)
+  if name not in INFO:
+    raise ValueError(f'unknown image data set {name!r}; known: {sorted(INFO)}')
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise DataNotFoundError(
+        f'Data set {name!r} is not prepared in data_dir {data_dir!r} (looked for '
+        f'{builder.data_path}). {_prepare_help(name, data_dir)}')
+  if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
+    raise DataNotFoundError(
+        f'Data set {name!r} in {builder.data_path} is in {builder.info.file_format.value} format; '
+        f'random access needs array_record. {_prepare_help(name, data_dir)}')
+  return builder
+
+
+class ImageSource:
+  """Random access to one image data set: uint8 examples in, normalized float32 batches out."""
+
+  kind = 'image'
+
+  def __init__(self, name: str, data_dir: str, image_size: int | None = None,
+               augment: aug.AugmentConfig | None = None, cache: bool | None = None,
+               num_workers: int = 8):
+    self.name, self.data_dir = name, data_dir
+    self.info = INFO[name]
+    self.builder = load_builder(name, data_dir)
+    self.image_size = image_size or self.info.size
+    self.augment = augment if augment is not None else self.info.augment  # training default
+    self.cache = self.info.cache if cache is None else cache
+    self.train_split, self.eval_split = 'train', self.info.eval_split
+    self.mean = np.asarray(self.info.mean, np.float32) * 255.0
+    self.std = np.asarray(self.info.std, np.float32) * 255.0
+    self._sources = {}
+    self._arrays = {}
+    self._lock = threading.Lock()
+    self._pool = None if self.cache else concurrent.futures.ThreadPoolExecutor(num_workers)
+
+  @property
+  def num_classes(self) -> int:
+    return self.info.num_classes
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    """Shape of one output image (H, W, C)."""
+    return (self.image_size, self.image_size, self.info.channels)
+
+  @property
+  def num_train(self) -> int:
+    return self.num_examples(self.train_split)
+
+  @property
+  def num_test(self) -> int:
+    return self.num_examples(self.eval_split)
+
+  def num_examples(self, split: str) -> int:
+    """Examples in one split."""
+    return self.builder.info.splits[split].num_examples
+
+  def data_source(self, split: str):
+    """The tfds random-access data source of one split (array_record)."""
+    with self._lock:
+      if split not in self._sources:
+        self._sources[split] = self.builder.as_data_source(split=split)
+      return self._sources[split]
+
+  def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split decoded: images (N, H, W, C) uint8 and labels (N,) int32 (cached)."""
+    with self._lock:
+      if split in self._arrays:
+        return self._arrays[split]
+    ds = self.data_source(split)
+    exs = ds.__getitems__(list(range(len(ds))))
+    out = (np.stack([e['image'] for e in exs]), np.asarray([e['label'] for e in exs], np.int32))
+    with self._lock:
+      self._arrays[split] = out
+    return out
+
+  def _example(self, split: str, i: int) -> tuple[np.ndarray, int]:
+    if self.cache:
+      x, y = self.arrays(split)
+      return x[i], int(y[i])
+    e = self.data_source(split)[int(i)]
+    return e['image'], int(e['label'])
+
+  def transform(self, x_HxWxC: np.ndarray, rng: np.random.Generator | None,
+                augment: aug.AugmentConfig | None) -> np.ndarray:
+    """One example to uint8 (S, S, C): augmented when rng and augment are given, else eval crop."""
+    if rng is None or augment is None:
+      return aug.center_crop_resize(x_HxWxC, self.image_size, self.info.crop_frac)
+    return aug.train_transform(x_HxWxC, rng, augment, self.image_size, self.info.crop_frac)
+
+  def normalize(self, x_BxHxWxC: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 (x - mean) / std per channel."""
+    return ((x_BxHxWxC.astype(np.float32) - self.mean) / self.std).astype(np.float32)
+
+  def get_batch(self, split: str, idx: np.ndarray,
+                rngs: Sequence[np.random.Generator] | None = None,
+                augment: aug.AugmentConfig | None = None) -> dict[str, np.ndarray]:
+    """Examples idx of split: {'image': float32 (b, S, S, C), 'label': int32 (b,)}."""
+    def one(k):
+      x, y = self._example(split, idx[k])
+      return self.transform(x, None if rngs is None else rngs[k], augment), y
+
+    if self._pool is not None and len(idx) > 1:
+      out = list(self._pool.map(one, range(len(idx))))
+    elif self.cache and (rngs is None or augment is None) and self.info.crop_frac >= 1.0 \
+        and self.image_size == self.info.size:
+      x, y = self.arrays(split)  # fast path: no per-example work
+      return {'image': self.normalize(x[idx]), 'label': y[idx]}
+    else:
+      out = [one(k) for k in range(len(idx))]
+    x = np.stack([o[0] for o in out]) if out else np.zeros((0, *self.input_shape), np.uint8)
+    return {'image': self.normalize(x), 'label': np.asarray([o[1] for o in out], np.int32)}
+
+  def close(self):
+    """Stops the decoding threads (if any)."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
