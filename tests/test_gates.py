@@ -19,7 +19,7 @@ def test_soft_topk_bounds_and_formula(t, rng):
     assert float(g.sum()) <= k * (1 + 1e-5)
     a64 = np.asarray(a, np.float64) / t
     e = np.exp(a64 - a64.max())
-    np.testing.assert_allclose(g, np.minimum(k * e / e.sum(), 1.0), atol=1e-6)
+    np.testing.assert_allclose(g, np.minimum(k * e / e.sum(), 1.0), rtol=1e-4, atol=1e-6)
 
 
 def test_soft_topk_grad_finite_at_tiny_temperature(rng):

@@ -1,0 +1,37 @@
+"""MLP classifier: flatten, hidden linears 'fc1', 'fc2', ... with ReLU, linear 'head'."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dynadiag_jax.layers import LayerFactory
+from dynadiag_jax.models.attention import factory_for
+
+
+def hidden_roles(hidden: Sequence[int]) -> tuple[str, ...]:
+  """('fc1', ..., 'fcN') for N hidden layers."""
+  return tuple(f"fc{i + 1}" for i in range(len(hidden)))
+
+
+class MLP(nn.Module):
+  """Images (B, ...) -> logits (B, num_classes) through ReLU hidden layers."""
+  hidden: Sequence[int] = (256, 256)
+  num_classes: int = 10
+  dropout: float = 0.0
+  dtype: Any = None
+  linear: LayerFactory = LayerFactory()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    lin = factory_for(self.linear, self.dtype)
+    x_BxF = x.reshape(x.shape[0], -1)
+    if self.dtype is not None:
+      x_BxF = x_BxF.astype(self.dtype)
+    for role, h in zip(hidden_roles(self.hidden), self.hidden):
+      x_BxF = nn.relu(lin(role, int(h))(x_BxF))
+      x_BxF = nn.Dropout(self.dropout)(x_BxF, deterministic=not train)
+    return lin("head", self.num_classes)(x_BxF).astype(jnp.float32)

@@ -1,0 +1,202 @@
+"""Models of issue 4: shapes, which roles are DiagDense, GPT-2 causality, training, parameter counts."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from dynadiag_jax.layers import LayerFactory
+from dynadiag_jax.models import GPT2, build, linear_roles, sparse_roles
+
+# Tiny models: compile time dominates, so compile without the slow XLA CPU passes.
+FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
+jit = functools.partial(jax.jit, compiler_options=FAST)
+
+VOCAB, CTX = 64, 16
+TINY = {
+    "mlp": dict(name="mlp", hidden=[32, 16], num_classes=10),
+    "vit": dict(name="vit", variant="Ti", patch_size=4, num_classes=10, width=32, depth=2,
+                num_heads=2, mlp_dim=64),
+    "vit_gap": dict(name="vit", variant="Ti", patch_size=4, num_classes=10, width=32, depth=2,
+                    num_heads=2, mlp_dim=64, pool="gap"),
+    "mixer": dict(name="mixer", variant="S", patch_size=4, num_classes=10, hidden=32, depth=2,
+                  token_mlp_dim=16, channel_mlp_dim=64),
+    "gpt2": dict(name="gpt2", size="tiny", vocab_size=VOCAB, context=CTX, num_layers=2, width=32,
+                 num_heads=2),
+}
+
+
+def _cfg(key: str, **kw) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({**TINY[key], **kw})
+
+
+def _factory(cfg, sparse: bool) -> LayerFactory:
+  return LayerFactory.from_dict({r: 0.9 for r in sparse_roles(cfg)} if sparse else {}, backend="dense")
+
+
+def _batch(cfg, b: int = 4, seed: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(inputs, targets): images (B, 16, 16, 3) and labels, or tokens (B, CTX) and next tokens."""
+  kx, ky = jax.random.split(jax.random.key(seed))
+  if cfg.name == "gpt2":
+    tok = jax.random.randint(kx, (b, CTX + 1), 0, VOCAB)
+    return tok[:, :-1], tok[:, 1:]
+  return jax.random.normal(kx, (b, 16, 16, 3)), jax.random.randint(ky, (b,), 0, 10)
+
+
+@functools.lru_cache(maxsize=None)
+def _built(key: str, sparse: bool):
+  """(cfg, model, variables, x, y, apply) of the tiny model `key`, initialised once per session."""
+  cfg = _cfg(key)
+  model = build(cfg, _factory(cfg, sparse))
+  x, y = _batch(cfg)
+  apply = jit(model.apply, static_argnames="train")
+  return cfg, model, jit(model.init)(jax.random.key(0), x), x, y, apply
+
+
+def _random_like(a: jax.Array) -> jax.Array:
+  """N(0, 1) in a's shape (a zero-init head, or an all-ones one after LayerNorm, outputs ~0)."""
+  return jax.random.normal(jax.random.key(7), a.shape, a.dtype)
+
+
+def _linears(tree, path=()) -> dict[str, set[str]]:
+  """role -> {'diag', 'dense'}: the kind of every linear module (2-D kernel or alpha) by its name."""
+  out: dict[str, set[str]] = {}
+  if "alpha" in tree or ("kernel" in tree and tree["kernel"].ndim == 2):
+    out.setdefault(path[-1], set()).add("diag" if "alpha" in tree else "dense")
+    return out
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      for r, kinds in _linears(v, path + (k,)).items():
+        out.setdefault(r, set()).update(kinds)
+  return out
+
+
+def _loss(model, variables, x, y) -> jax.Array:
+  logits = model.apply(variables, x)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize("key", list(TINY))
+def test_build_shapes_and_roles(key, sparse):
+  cfg, _, variables, x, _, apply = _built(key, sparse)
+  assert set(variables) == ({"params", "dynadiag"} if sparse else {"params"})
+  out = apply(variables, x)
+  want = (4, CTX, VOCAB) if cfg.name == "gpt2" else (4, 10)
+  assert out.shape == want and out.dtype == jnp.float32
+  assert np.all(np.isfinite(out))
+  kinds = _linears(variables["params"])
+  assert set(kinds) == set(linear_roles(cfg))
+  for role, k in kinds.items():
+    assert k == ({"diag"} if sparse and role in sparse_roles(cfg) else {"dense"}), role
+
+
+def test_sparse_roles():
+  assert sparse_roles({"name": "mlp", "hidden": (8, 8, 8)}) == ("fc1", "fc2", "fc3")
+  assert sparse_roles({"name": "vit"}) == ("attn_out", "mlp_in", "mlp_out")
+  assert sparse_roles({"name": "gpt2"}) == ("qkv", "attn_out", "mlp_in", "mlp_out")
+  assert set(sparse_roles({"name": "mixer"})) == {
+      "token_mlp_in", "token_mlp_out", "channel_mlp_in", "channel_mlp_out"}
+  with pytest.raises(ValueError):
+    build(ml_collections.ConfigDict({"name": "vit", "no_such_field": 1}))
+  with pytest.raises(ValueError):
+    build(ml_collections.ConfigDict({"name": "resnet"}))
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_gpt2_causal(sparse):
+  _, _, variables, x, _, apply = _built("gpt2", sparse)
+  base = apply(variables, x)
+  for t in (0, 5, CTX - 2):
+    noise = jax.random.randint(jax.random.key(t), x.shape, 0, VOCAB)
+    x2 = x.at[:, t + 1:].set((x[:, t + 1:] + 1 + noise[:, t + 1:] % (VOCAB - 1)) % VOCAB)
+    out = apply(variables, x2)
+    np.testing.assert_allclose(out[:, :t + 1], base[:, :t + 1], atol=1e-5, rtol=1e-5)
+    assert not np.allclose(out[:, t + 1], base[:, t + 1], atol=1e-4)
+
+
+def test_gpt2_context_limit():
+  model = GPT2(size="tiny", vocab_size=VOCAB, context=8, num_layers=1, width=16, num_heads=2)
+  with pytest.raises(ValueError, match="context"):
+    model.init(jax.random.key(0), jnp.zeros((1, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("key", ["mlp", "vit", "mixer", "gpt2"])
+def test_adam_lowers_loss(key):
+  _, model, variables, x, y, _ = _built(key, True)
+  params, state = variables["params"], {"dynadiag": variables["dynadiag"]}
+  opt = optax.adam(3e-3)
+  opt_state = opt.init(params)
+
+  @jit
+  def step(params, opt_state):
+    loss, g = jax.value_and_grad(lambda p: _loss(model, {"params": p, **state}, x, y))(params)
+    upd, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, upd), opt_state, loss
+
+  losses = []
+  for _ in range(10):
+    params, opt_state, loss = step(params, opt_state)
+    losses.append(float(loss))
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("key", ["vit", "mixer", "gpt2"])
+def test_dropout_uses_rng(key):
+  cfg, _, variables, x, _, eval_apply = _built(key, True)  # eval_apply: same model, no dropout
+  model = build(_cfg(key, dropout=0.3), _factory(cfg, sparse=True))
+  apply = jit(model.apply, static_argnames="train")
+  variables = jax.tree_util.tree_map(lambda v: v, variables)  # a copy: the cache stays intact
+  if "head" in variables["params"]:  # a zero-init head hides the features
+    variables["params"]["head"]["kernel"] = _random_like(variables["params"]["head"]["kernel"])
+  eval_out = eval_apply(variables, x)
+  a = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+  b = apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+  c = apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c) and not np.allclose(a, eval_out)
+
+
+@pytest.mark.parametrize("key", ["vit", "gpt2"])
+def test_bfloat16_compute_float32_params(key):
+  cfg, _, variables, x, _, ref_apply = _built(key, True)
+  model = build(_cfg(key, dtype="bfloat16"), _factory(cfg, sparse=True))
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes["params"]))
+  variables = jax.tree_util.tree_map(lambda v: v, variables)
+  if "head" in variables["params"]:  # a zero-init head would make the comparison vacuous
+    variables["params"]["head"]["kernel"] = _random_like(variables["params"]["head"]["kernel"])
+  jaxpr = str(jax.make_jaxpr(model.apply)(variables, x))
+  assert "preferred_element_type=bfloat16" in jaxpr  # matmuls run in bf16
+  ref = ref_apply(variables, x)
+  out = jit(model.apply)(variables, x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(out, ref, atol=0.05 * float(np.abs(ref).max()), rtol=0)
+
+
+def _num_params(cfg: dict, x: jax.ShapeDtypeStruct) -> int:
+  shapes = jax.eval_shape(build(ml_collections.ConfigDict(cfg)).init, jax.random.key(0), x)
+  return sum(int(np.prod(s.shape)) for s in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+IMG = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+TOK = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
+
+
+@pytest.mark.parametrize("cfg,x,want", [
+    (dict(name="vit", variant="S", patch_size=16, num_classes=1000), IMG, 22_050_664),
+    (dict(name="vit", variant="B", patch_size=16, num_classes=1000), IMG, 86_567_656),
+    (dict(name="mixer", variant="S", patch_size=16, num_classes=1000), IMG, 18_528_264),
+    (dict(name="mixer", variant="B", patch_size=16, num_classes=1000), IMG, 59_880_472),
+    (dict(name="gpt2", size="small", vocab_size=50257), TOK, 124_439_808),
+], ids=["vit-s16", "vit-b16", "mixer-s16", "mixer-b16", "gpt2-small"])
+def test_param_counts(cfg, x, want):
+  """The published sizes (ViT-B/16 86.6M, Mixer-S/16 18.5M, B/16 59.9M, GPT-2 small 124.4M)."""
+  assert _num_params(cfg, x) == want

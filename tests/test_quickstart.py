@@ -1,0 +1,27 @@
+"""The quick start trains a 90%-sparse DiagDense MLP to within 3 points of nn.Dense."""
+
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+
+import dynadiag_jax as dd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import quickstart  # noqa: E402
+
+
+def test_quickstart_matches_dense_within_three_points():
+  data = quickstart.load_mnist5k(0)
+  x0 = data[0][:1]
+  calls = dd.linear_calls(quickstart.MLP(), None, x0)
+  sp = dd.allocation.allocate(calls, 0.9, ["fc1", "fc2", "head"], "erk")
+  model = quickstart.MLP(dd.LayerFactory.from_dict(sp, backend="dense"))
+  acc, variables = quickstart.train(model, data, 3000, sched=dd.Schedule(3000))
+  dense_acc, _ = quickstart.train(quickstart.MLP(), data, 3000)
+  t = dd.totals(model, variables, jnp.asarray(x0))
+  print(f"dense {dense_acc:.4f}  diag {acc:.4f}  sparsity {t['sparsity']:.4f}")
+  assert dd.exploring_layers(variables) == []  # frozen: K-diagonal layers only
+  assert t["sparsity"] >= 0.9 - 0.01
+  assert dense_acc > 0.9
+  assert acc >= dense_acc - 0.03
