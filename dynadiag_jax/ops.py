@@ -13,18 +13,26 @@ import jax.numpy as jnp
 from dynadiag_jax import pattern
 
 
+def _offsets(o_K, m, n):
+  return o_K
+
+
 @dataclasses.dataclass(frozen=True)
 class Backend:
   """The three products a backend supplies; m, n are static ints, o_K int32 (maybe traced).
 
-  fwd(x_BxM, v_KxD, o_K, m, n) -> y_BxN        y = x @ W
-  dx(dy_BxN, v_KxD, o_K, m, n) -> dx_BxM      dx = dy @ W.T (a diagonal pattern again)
-  dv(x_BxM, dy_BxN, o_K, m, n) -> dv_KxD      dv[k, t] = sum_b x[b, row] * dy[b, col]
+  prepare(o_K, m, n) -> pat                    the pattern in the backend's own form
+                                                (e.g. BCSR), built once per call and
+                                                shared by the forward and the backward
+  fwd(x_BxM, v_KxD, pat, m, n) -> y_BxN        y = x @ W
+  dx(dy_BxN, v_KxD, pat, m, n) -> dx_BxM      dx = dy @ W.T (a diagonal pattern again)
+  dv(x_BxM, dy_BxN, pat, m, n) -> dv_KxD      dv[k, t] = sum_b x[b, row] * dy[b, col]
   """
   name: str
   fwd: Callable
   dx: Callable
   dv: Callable
+  prepare: Callable = _offsets
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -72,18 +80,21 @@ register_backend(Backend("dense", _dense_fwd, _dense_dx, _dense_dv))
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _diag_matmul(x_BxM, v_KxD, o_K, m, n, backend):
-  return resolve_backend(backend).fwd(x_BxM, v_KxD, o_K, m, n)
+  be = resolve_backend(backend)
+  return be.fwd(x_BxM, v_KxD, be.prepare(o_K, m, n), m, n)
 
 
 def _fwd(x_BxM, v_KxD, o_K, m, n, backend):
-  return _diag_matmul(x_BxM, v_KxD, o_K, m, n, backend), (x_BxM, v_KxD, o_K)
+  be = resolve_backend(backend)
+  pat = be.prepare(o_K, m, n)
+  return be.fwd(x_BxM, v_KxD, pat, m, n), (x_BxM, v_KxD, pat)
 
 
 def _bwd(m, n, backend, res, dy_BxN):
-  x_BxM, v_KxD, o_K = res
+  x_BxM, v_KxD, pat = res
   be = resolve_backend(backend)
-  dx_BxM = be.dx(dy_BxN, v_KxD, o_K, m, n).astype(x_BxM.dtype)
-  dv_KxD = be.dv(x_BxM, dy_BxN, o_K, m, n).astype(v_KxD.dtype)
+  dx_BxM = be.dx(dy_BxN, v_KxD, pat, m, n).astype(x_BxM.dtype)
+  dv_KxD = be.dv(x_BxM, dy_BxN, pat, m, n).astype(v_KxD.dtype)
   return dx_BxM, dv_KxD, None
 
 

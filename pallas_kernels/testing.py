@@ -1,0 +1,52 @@
+"""Test helpers: fresh seeds, a float64 numpy reference of the three products, tolerances."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+
+from dynadiag_jax import pattern
+
+# Max-norm relative tolerances: |got - want| <= tol * (|want| + max|want|), elementwise.
+TOL = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
+
+
+def fresh_seed() -> int:
+  """A new seed every run (os.urandom mixed with the clock); print it so failures replay."""
+  seed = int.from_bytes(os.urandom(4), "little") ^ (time.time_ns() & 0xFFFFFFFF)
+  print(f"seed={seed}")
+  return seed
+
+
+def random_offsets(rng: np.random.Generator, m: int, n: int, k: int) -> np.ndarray:
+  """k distinct sorted offsets in [0, P), int32."""
+  p = pattern.num_diagonals(m, n)
+  return np.sort(rng.choice(p, size=k, replace=False)).astype(np.int32)
+
+
+def reference(x_BxM, v_KxD, o_K, m: int, n: int, dy_BxN):
+  """(y, dx, dv) in float64 numpy: y = x @ W, dx = dy @ W.T, dv = diag(x.T @ dy)."""
+  x, v, dy = (np.asarray(a, np.float64) for a in (x_BxM, v_KxD, dy_BxN))
+  rows_PxD, cols_PxD = pattern.diagonal_coords(m, n)
+  o = np.asarray(o_K)
+  w = np.zeros((m, n))
+  w[rows_PxD[o], cols_PxD[o]] = v
+  return x @ w, dy @ w.T, (x.T @ dy)[rows_PxD[o], cols_PxD[o]]
+
+
+def assert_close(got, want, dtype, seed: int, what: str = "") -> None:
+  """chex allclose with the dtype's max-norm relative tolerance; names the seed on failure."""
+  tol = TOL[jnp.dtype(dtype)]
+  got64 = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+  want64 = np.asarray(want, np.float64)
+  scale = float(np.abs(want64).max()) if want64.size else 0.0
+  try:
+    chex.assert_shape(got64, want64.shape)
+    chex.assert_trees_all_close(got64, want64, rtol=tol, atol=tol * max(scale, 1e-30))
+  except AssertionError as e:
+    err = float(np.abs(got64 - want64).max()) / max(scale, 1e-30)
+    raise AssertionError(f"{what}: max-norm rel. error {err:.3g} > {tol} (seed={seed})\n{e}")
