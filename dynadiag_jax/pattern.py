@@ -62,6 +62,15 @@ def diagonal_index(m: int, n: int) -> np.ndarray:
   return ((r_M1 - c_1N) % p if m >= n else (c_1N - r_M1) % p).astype(np.int32)
 
 
+def offset_coords(offsets, m: int, n: int) -> tuple[jax.Array, jax.Array]:
+  """(rows_KxD, cols_KxD) of the diagonals `offsets`, computed in-graph (no P x D table)."""
+  o_K1 = jnp.asarray(offsets, jnp.int32)[:, None]
+  t_1D = jnp.arange(diag_length(m, n), dtype=jnp.int32)[None, :]
+  wrapped = (o_K1 + t_1D) % num_diagonals(m, n)
+  straight = jnp.broadcast_to(t_1D, wrapped.shape)
+  return (wrapped, straight) if m >= n else (straight, wrapped)
+
+
 def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
@@ -97,12 +106,9 @@ def check_values(values, offsets, m: int, n: int) -> None:
 def densify(values, offsets, m: int, n: int) -> jax.Array:
   """W_MxN with values_KxD placed on the diagonals `offsets`, zeros elsewhere."""
   check_values(values, offsets, m, n)
-  rows_PxD, cols_PxD = diagonal_coords(m, n)
-  o_K = jnp.asarray(offsets)
   v_KxD = jnp.asarray(values)
   w_MxN = jnp.zeros((m, n), v_KxD.dtype)
-  return w_MxN.at[jnp.asarray(rows_PxD)[o_K], jnp.asarray(cols_PxD)[o_K]].set(
-      v_KxD, unique_indices=True)
+  return w_MxN.at[offset_coords(offsets, m, n)].set(v_KxD, unique_indices=True)
 
 
 def gather_diagonals(w_MxN, offsets, m: int, n: int) -> jax.Array:
@@ -110,9 +116,7 @@ def gather_diagonals(w_MxN, offsets, m: int, n: int) -> jax.Array:
   check_offsets(offsets, m, n)
   if tuple(jnp.shape(w_MxN)) != (m, n):
     raise ValueError(f"W must have shape {(m, n)}, got {tuple(jnp.shape(w_MxN))}")
-  rows_PxD, cols_PxD = diagonal_coords(m, n)
-  o_K = jnp.asarray(offsets)
-  return jnp.asarray(w_MxN)[jnp.asarray(rows_PxD)[o_K], jnp.asarray(cols_PxD)[o_K]]
+  return jnp.asarray(w_MxN)[offset_coords(offsets, m, n)]
 
 
 def transpose_offsets(offsets, m: int, n: int):

@@ -99,3 +99,12 @@ def test_bad_offsets_raise(o, msg):
 def test_values_shape_must_match():
   with pytest.raises(ValueError, match="shape"):
     pattern.densify(np.zeros((2, 5), np.float32), np.array([0, 1]), 8, 4)
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_offset_coords_match_the_table(m, n, rng):
+  rows, cols = pattern.diagonal_coords(m, n)
+  o = rng.choice(max(m, n), min(3, max(m, n)), replace=False)
+  r, c = pattern.offset_coords(o, m, n)
+  np.testing.assert_array_equal(r, rows[o])
+  np.testing.assert_array_equal(c, cols[o])

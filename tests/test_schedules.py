@@ -1,6 +1,5 @@
 """Temperature and K_active schedules."""
 
-import numpy as np
 import pytest
 
 import dynadiag_jax as dd

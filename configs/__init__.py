@@ -1,0 +1,1 @@
+"""Experiment configs: `python train.py --config configs/<name>.py --workdir runs/<name>`."""

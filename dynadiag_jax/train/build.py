@@ -1,0 +1,146 @@
+"""From a config to the pieces of a run: data spec, model, schedule, optimizer, step counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import ml_collections
+import numpy as np
+import optax
+
+import dynadiag_jax as dd
+from dynadiag_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+  """What the model and the step need to know of the data (no data needed to build it)."""
+  kind: str  # 'image' | 'text'
+  input_shape: tuple[int, ...]  # one example: (H, W, C) or (seq_len,)
+  num_outputs: int  # classes or vocabulary size
+  num_train: int = 0
+  num_test: int = 0
+
+  def __post_init__(self):
+    if self.kind not in ("image", "text"):
+      raise ValueError(f"data kind must be 'image' or 'text', got {self.kind!r}")
+
+  @classmethod
+  def of(cls, source) -> "DataSpec":
+    """The spec of a `dynadiag_jax.data` source."""
+    n = source.num_classes if source.kind == "image" else source.vocab_size
+    return cls(source.kind, tuple(source.input_shape), int(n), int(source.num_train),
+               int(source.num_test))
+
+  def dummy_input(self, batch: int = 1) -> np.ndarray:
+    """Zeros shaped like `batch` model inputs (float32 images or int32 tokens)."""
+    dtype = np.float32 if self.kind == "image" else np.int32
+    return np.zeros((batch, *self.input_shape), dtype)
+
+
+def model_config(config: ml_collections.ConfigDict, spec: DataSpec) -> ml_collections.ConfigDict:
+  """config.model with its output size (num_classes or vocab_size) taken from the data."""
+  cfg = ml_collections.ConfigDict(config.model.to_dict())
+  key = "vocab_size" if cfg.name == "gpt2" else "num_classes"
+  if (spec.kind == "text") != (cfg.name == "gpt2"):
+    raise ValueError(f"model {cfg.name!r} does not fit {spec.kind} data; "
+                     "gpt2 takes text, mlp/vit/mixer take images")
+  have = cfg.get(key)
+  if have is not None and int(have) != spec.num_outputs:
+    raise ValueError(f"config.model.{key} = {have} but the data has {spec.num_outputs}; "
+                     f"leave config.model.{key} unset to take it from the data")
+  cfg[key] = spec.num_outputs
+  return cfg
+
+
+def sparse_layers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """Layer roles made DiagDense: config.sparse_layers, or the paper's default when empty."""
+  if not config.sparse:
+    return ()
+  names = tuple(config.get("sparse_layers") or ())
+  return names or tuple(models.sparse_roles(config.model))
+
+
+def layer_sparsity(config: ml_collections.ConfigDict, spec: DataSpec) -> dict[str, float]:
+  """{role: sparsity} from the global config.sparsity and config.allocation."""
+  names = sparse_layers(config)
+  if not names:
+    return {}
+  dense = models.build(model_config(config, spec), dd.LayerFactory())
+  calls = dd.linear_calls(dense, None, spec.dummy_input())
+  return dd.allocation.allocate(calls, config.sparsity, names, config.allocation)
+
+
+def build_model(config: ml_collections.ConfigDict,
+                spec: DataSpec) -> tuple[nn.Module, dict[str, float]]:
+  """(model, {role: sparsity}): config.model with its sparse layers as DiagDense."""
+  sp = layer_sparsity(config, spec)
+  factory = dd.LayerFactory.from_dict(sp, backend=config.backend)
+  return models.build(model_config(config, spec), factory), sp
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, spec: DataSpec) -> float:
+  """Training examples over the global batch (0 when the data size is unknown)."""
+  return spec.num_train / config.batch_size if spec.num_train else 0.0
+
+
+def total_steps(config: ml_collections.ConfigDict, spec: DataSpec) -> int:
+  """config.total_steps if > 0, else ceil(config.num_epochs x steps per epoch)."""
+  if config.total_steps > 0:
+    return int(config.total_steps)
+  spe = steps_per_epoch(config, spec)
+  if config.num_epochs <= 0 or spe <= 0:
+    raise ValueError("set config.total_steps > 0, or config.num_epochs > 0 with known data size; "
+                     f"got total_steps={config.total_steps}, num_epochs={config.num_epochs}")
+  return int(math.ceil(config.num_epochs * spe))
+
+
+def build_schedule(config: ml_collections.ConfigDict, steps: int) -> dd.Schedule:
+  """The DynaDiag temperature / K_active / freeze schedule over `steps` steps."""
+  s = config.schedule
+  return dd.Schedule(steps, freeze_fraction=s.freeze_fraction, t_start=s.t_start, t_end=s.t_end,
+                     k_start_fraction=s.k_start_fraction, num_levels=s.num_levels)
+
+
+def learning_rate(config: ml_collections.ConfigDict, steps: int,
+                  spe: float = 0.0) -> optax.Schedule:
+  """Linear warmup (warmup_steps + warmup_epochs x spe) then cosine / linear / constant."""
+  o = config.optimizer
+  warm = int(o.warmup_steps + round(o.warmup_epochs * spe))
+  if warm >= steps:
+    raise ValueError(f"{warm} warmup steps do not fit in {steps} training steps")
+  end = o.lr * o.end_lr_fraction
+  if o.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(o.lr, steps - warm, alpha=o.end_lr_fraction)
+  elif o.schedule == "linear":
+    decay = optax.linear_schedule(o.lr, end, steps - warm)
+  elif o.schedule == "constant":
+    decay = optax.constant_schedule(o.lr)
+  else:
+    raise ValueError(f"unknown optimizer.schedule {o.schedule!r}; 'cosine' | 'linear' | 'constant'")
+  if not warm:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), decay], [warm])
+
+
+def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Schedule | None,
+                    spe: float = 0.0) -> optax.GradientTransformation:
+  """AdamW (decay off alpha, biases and norms) with clipping, l1 on alpha, alpha cut at freeze."""
+  o = config.optimizer
+  if o.name != "adamw":
+    raise ValueError(f"unknown optimizer {o.name!r}; only 'adamw'")
+  lr = learning_rate(config, steps, spe)
+  tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                   mask=dd.optim.decay_mask)
+  if o.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
+  if sched is None:
+    return tx
+  return dd.optim.wrap(tx, l1=config.l1, freeze_step=sched.freeze_step)
+
+
+def input_key(spec: DataSpec) -> tuple[str, str]:
+  """(input, target) keys of a batch of this kind of data."""
+  return ("image", "label") if spec.kind == "image" else ("inputs", "targets")

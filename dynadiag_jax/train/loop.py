@@ -1,0 +1,282 @@
+"""`train_and_evaluate`: exploration, freeze and sparse fine-tuning, checkpointed and resumable."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+import dynadiag_jax as dd
+from dynadiag_jax import data
+from dynadiag_jax.train import build, checkpoint, progress
+from dynadiag_jax.train import state as state_lib
+from dynadiag_jax.train.step import FAST_COMPILE, make_eval_step, make_train_step
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def local_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
+  """config.num_devices local devices (0: all of them)."""
+  devs = jax.local_devices()
+  n = config.num_devices or len(devs)
+  if not 1 <= n <= len(devs):
+    raise ValueError(f"config.num_devices = {config.num_devices}, but {len(devs)} local devices")
+  if n != len(devs) and jax.process_count() > 1:
+    raise ValueError("multi-host runs use all local devices; set config.num_devices = 0")
+  return devs[:n]
+
+
+def maybe_initialize_distributed(config: ml_collections.ConfigDict):
+  """jax.distributed.initialize() when config.distributed (before any other jax call)."""
+  if config.get("distributed") and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+class _Preemption:
+  """Remembers a SIGTERM (single host, main thread only); restores the old handler on exit."""
+
+  def __init__(self):
+    self.flag, self._old = False, None
+
+  def __enter__(self):
+    if jax.process_count() == 1:  # multi-host: JAX's preemption service owns SIGTERM
+      with contextlib.suppress(ValueError):  # not the main thread
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.flag = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop before `step`: SIGTERM here, or, multi-host, JAX's preemption sync point.
+
+    Hosts must stop at the same step, so multi-host runs rely on the coordination
+    service's preemption notice (all hosts agree on the step) instead of the local signal.
+    """
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.flag
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _first(tree: Any) -> Any:
+  """Host floats of replicated pmap outputs."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
+
+
+def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices) -> dict[str, float]:
+  """loss, accuracy (and perplexity for text) over the whole eval split."""
+  n = len(devices) * jax.process_count()
+  eb = int(math.ceil(config.eval_batch_size / n) * n)
+  sums = None
+  with contextlib.closing(data.eval_batches(source, eb, num_devices=len(devices))) as it:
+    for batch in it:
+      out = p_eval(rstate, state_lib.shard(batch, devices))
+      sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
+  s = _first(sums)
+  count = max(float(s["count"]), 1.0)
+  out = {"loss": float(s["loss"]) / count, "accuracy": float(s["correct"]) / count}
+  if spec.kind == "text":
+    out["perplexity"] = float(math.exp(min(out["loss"], 700.0)))
+  return out
+
+
+def _check(config: ml_collections.ConfigDict):
+  """Clear errors for config values that would fail later."""
+  if config.batch_size < 1 or config.eval_batch_size < 1:
+    raise ValueError(f"batch sizes must be >= 1, got {config.batch_size}, {config.eval_batch_size}")
+  if config.sparse:
+    dd.pattern.check_sparsity(config.sparsity)
+  for k in ("log_every", "eval_every"):
+    if config[k] < 0:
+      raise ValueError(f"config.{k} must be >= 0, got {config[k]}")
+
+
+@dataclasses.dataclass
+class Run:
+  """The fixed pieces of one run, built from its config."""
+  config: ml_collections.ConfigDict
+  devices: list[jax.Device]
+  source: Any
+  spec: build.DataSpec
+  model: nn.Module
+  sparsity: dict[str, float]  # {role: sparsity} of the DiagDense layers
+  steps: int
+  sched: dd.Schedule | None  # None for an all-dense model
+  tx: optax.GradientTransformation
+  lr: optax.Schedule
+  options: dict | None  # compiler options
+
+  @classmethod
+  def build(cls, config: ml_collections.ConfigDict) -> "Run":
+    source = data.build(config.data)
+    spec = build.DataSpec.of(source)
+    model, sparsity = build.build_model(config, spec)
+    steps = build.total_steps(config, spec)
+    spe = build.steps_per_epoch(config, spec)
+    sched = build.build_schedule(config, steps) if sparsity else None
+    tx = build.build_optimizer(config, steps, sched, spe)
+    return cls(config, local_devices(config), source, spec, model, sparsity, steps, sched, tx,
+               build.learning_rate(config, steps, spe),
+               FAST_COMPILE if config.get("fast_compile") else None)
+
+  def fresh(self) -> state_lib.TrainState:
+    """The initial state, un-replicated."""
+    x = self.spec.dummy_input()
+    return state_lib.create(self.model, self.tx, x, self.config.seed, self.options)
+
+  def like(self, meta: dict) -> state_lib.TrainState:
+    """A fresh state in the phase a checkpoint's metadata names (its restore target)."""
+    return state_lib.at_phase(self.fresh(), meta["level"], meta["frozen"],
+                              self.config.schedule.k_start_fraction)
+
+  def phase_due(self, rstate: state_lib.TrainState, step: int) -> bool:
+    """Whether a K_active level change or the freeze is due before `step`."""
+    s = self.sched
+    if s is None or rstate.frozen:
+      return False
+    return s.is_frozen(step) or s.level(step) != rstate.level
+
+
+def _train_record(run: Run, pending: list[dict], step: int, active: int, frozen: bool,
+                  rate: float) -> dict:
+  """Means over the steps since the last record, with lr, T, active diagonals, steps/s."""
+  m = jax.tree.map(lambda *xs: float(np.mean(xs)), *_first(pending))
+  rec = {"loss": m["loss"], "accuracy": m["accuracy"], "grad_norm": m["grad_norm"],
+         "lr": float(run.lr(step)), "active": active, "steps_per_s": rate}
+  if run.sched is not None and not frozen:
+    rec["temperature"] = m["temperature"]
+  if not math.isfinite(m["loss"]):
+    raise FloatingPointError(f"loss is {m['loss']} at step {step + 1}")
+  return rec
+
+
+def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, start: int | None,
+             compiles: int) -> dict:
+  """What summary.json holds."""
+  text = run.spec.kind == "text"
+  tot = dd.totals(run.model, host.variables, run.spec.dummy_input())
+  return {
+      ("perplexity" if text else "test_accuracy"): ev["perplexity" if text else "accuracy"],
+      "test_loss": ev["loss"], **({"token_accuracy": ev["accuracy"]} if text else {}),
+      "sparsity": tot["sparsity"], "stored_params": tot["stored_params"],
+      "dense_params": tot["dense_params"], "steps": run.steps, "wall_s": wall_s,
+      "resumed_from": start, "train_step_compiles": compiles, "layer_sparsity": run.sparsity,
+      "model": run.config.model.name, "data": run.source.name,
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Trains config's model on config's data, checkpointing into workdir; returns the summary.
+
+  Resumes from the newest checkpoint in <workdir>/checkpoints. Writes metrics.jsonl,
+  TensorBoard events and, at the end, summary.json. Returns None when stopped by SIGTERM
+  (after saving a checkpoint to resume from). wall_s counts every run of the same workdir.
+  """
+  t0 = time.perf_counter()
+  maybe_initialize_distributed(config)
+  _check(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  run = Run.build(config)
+  devices, lead = run.devices, jax.process_index() == 0
+
+  ck = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint.every,
+                               config.checkpoint.keep, config.checkpoint.async_save)
+  latest, wall0 = ck.latest_step(), 0.0
+  if latest is None:
+    host = run.fresh()
+  else:
+    host, meta = ck.restore(latest, run.like)
+    wall0 = float(meta.get("wall_s", 0.0))
+  wall = lambda: wall0 + time.perf_counter() - t0
+  start = int(host.step)
+  rep = progress.Reporter(workdir, run.steps, start, active=lead, bar=config.progress_bar)
+  if latest is not None:
+    rep.event(start, "restore", level=host.level, frozen=host.frozen)
+    rep.message(f"Resumed from {ck.directory} at step {start} "
+                f"({'frozen' if host.frozen else f'K_active level {host.level}'}).")
+  else:
+    rep.message(f"{type(run.model).__name__} on {run.source.name}: {run.steps} steps, batch "
+                f"{config.batch_size} over {len(devices)} device(s) x {jax.process_count()} "
+                f"host(s), "
+                + (f"freeze at step {run.sched.freeze_step}" if run.sched else "dense"))
+
+  p_train = make_train_step(run.model, run.tx, run.sched, run.spec, config.label_smoothing,
+                            run.options)
+  p_eval = make_eval_step(run.model, run.spec, run.options)
+  save = lambda h, force=False: ck.save(
+      h, {"wall_s": wall(), "config": config.to_json_best_effort()}, force)
+  rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host)
+  pending: list[dict] = []
+  batches = data.batches(run.source, config.batch_size, seed=config.seed, start_step=start,
+                         num_devices=len(devices))
+  try:
+    with _Preemption() as stop, contextlib.closing(batches):
+      for step in range(start, run.steps):
+        if stop.reached(step):
+          save(state_lib.unreplicate(rstate), force=True)
+          ck.wait()
+          rep.event(step, "preempted")
+          rep.message(f"SIGTERM: saved step {step} to {ck.directory}; rerun to resume.")
+          rep.close()
+          return None
+        if run.phase_due(rstate, step):
+          host = state_lib.advance(state_lib.unreplicate(rstate), run.sched, step)
+          if host.frozen:
+            rep.event(step, "freeze")
+          rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host)
+        rstate, metrics = p_train(rstate, state_lib.shard(next(batches), devices))
+        done = step + 1
+        rep.tick()
+        if config.log_every:
+          pending.append(metrics)
+          if done % config.log_every == 0 or done == run.steps:
+            rec = _train_record(run, pending, step, active, rstate.frozen, rep.steps_per_s(done))
+            rep.write(done, "train", rec, postfix=True)
+            pending = []
+        if config.eval_every and done % config.eval_every == 0 and done < run.steps:
+          rep.write(done, "eval", evaluate(p_eval, rstate, run.source, run.spec, config, devices))
+        if done < run.steps and ck.should_save(done):
+          save(state_lib.unreplicate(rstate))
+    host = state_lib.unreplicate(rstate)
+    save(host, force=True)
+    ck.wait()
+  except BaseException:
+    rep.close()
+    raise
+  finally:
+    ck.close()
+
+  if run.sched is not None and not host.frozen:  # freeze_fraction = 1: freeze at the end
+    host = state_lib.freeze(host)
+  ev = evaluate(p_eval, state_lib.replicate(host, devices), run.source, run.spec, config, devices)
+  rep.write(run.steps, "eval", ev)
+  summary = _summary(run, host, ev, wall(), start if latest is not None else None,
+                     p_train.num_compiled)
+  rep.close()
+  if lead:
+    path = progress.write_summary(workdir, summary)
+    x0 = run.spec.dummy_input()
+    print(dd.summarize(run.model, host.variables, x0))
+    key = "perplexity" if run.spec.kind == "text" else "test_accuracy"
+    print(f"{key} {summary[key]:.4f}  sparsity {summary['sparsity']:.4f}  stored "
+          f"{summary['stored_params']:,} / dense {summary['dense_params']:,} params  "
+          f"{run.steps} steps  {summary['wall_s']:.1f} s  -> {path}", flush=True)
+  run.source.close()
+  return summary

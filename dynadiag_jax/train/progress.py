@@ -1,0 +1,126 @@
+"""What a person sees: a tqdm bar, metrics as JSON lines and TensorBoard events, summary.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+TB_DIR = "tensorboard"
+
+
+def _clean(v: Any) -> Any:
+  """JSON-safe scalars (NaN/inf as strings)."""
+  if isinstance(v, (bool, int, str)) or v is None:
+    return v
+  if isinstance(v, Mapping):
+    return {str(k): _clean(x) for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_clean(x) for x in v]
+  v = float(v)
+  return v if math.isfinite(v) else str(v)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """Every record of <workdir>/metrics.jsonl."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Reporter:
+  """Progress bar, metrics.jsonl and TensorBoard writer of one run (silent unless `active`).
+
+  On resume from `start_step`, records past it (written before an interruption) are
+  dropped from metrics.jsonl and purged from TensorBoard so every step appears once.
+  """
+
+  def __init__(self, workdir: str, total: int, start_step: int = 0, active: bool = True,
+               bar: bool = True):
+    self.active, self.total = active, total
+    self.bar = None
+    self.writer = None
+    self._file = None
+    self._last = (start_step, time.perf_counter())
+    if not active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, METRICS_FILE)
+    keep = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step or "event" in r]
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(path + ".tmp", path)
+    self._file = open(path, "a", buffering=1)
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, TB_DIR),
+                                             purge_step=start_step or None)
+    if bar:
+      self.bar = tqdm.tqdm(total=total, initial=start_step, dynamic_ncols=True, unit="step",
+                           smoothing=0.1)
+
+  def steps_per_s(self, step: int) -> float:
+    """Steps per second since the last call."""
+    s0, t0 = self._last
+    now = time.perf_counter()
+    self._last = (step, now)
+    return (step - s0) / max(now - t0, 1e-9)
+
+  def tick(self, n: int = 1):
+    if self.bar is not None:
+      self.bar.update(n)
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any], postfix: bool = False):
+    """One record {step, split, **metrics} to JSON lines and TensorBoard (split/name)."""
+    if not self.active:
+      return
+    rec = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
+    self._file.write(json.dumps(rec) + "\n")
+    for k, v in metrics.items():
+      if isinstance(v, (int, float)) and not isinstance(v, bool):
+        self.writer.add_scalar(f"{split}/{k}", v, int(step))
+    if postfix and self.bar is not None:
+      short = {"loss": "loss", "accuracy": "acc", "temperature": "T", "active": "diag",
+               "steps_per_s": "it/s", "perplexity": "ppl"}
+      self.bar.set_postfix({short[k]: (f"{v:.4g}" if isinstance(v, float) else v)
+                            for k, v in metrics.items() if k in short}, refresh=False)
+
+  def event(self, step: int, event: str, **info):
+    """A non-metric record (restore, freeze, preemption) in metrics.jsonl."""
+    if self.active:
+      self._file.write(json.dumps({"step": int(step), "event": event,
+                                   **{k: _clean(v) for k, v in info.items()}}) + "\n")
+
+  def message(self, text: str):
+    """A line of text above the bar (or on stdout)."""
+    if not self.active:
+      return
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    if self.writer is not None:
+      self.writer.close()
+    if self._file is not None:
+      self._file.close()
+    self.bar = self.writer = self._file = None
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
+  """<workdir>/summary.json (atomically); returns its path."""
+  path = os.path.join(workdir, SUMMARY_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump({k: _clean(v) for k, v in summary.items()}, f, indent=2)
+  os.replace(path + ".tmp", path)
+  return path

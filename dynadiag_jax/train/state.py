@@ -1,0 +1,140 @@
+"""`TrainState` and its host-side phase changes (K_active levels, the freeze), replication."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import dynadiag_jax as dd
+from dynadiag_jax.diag_dense import COLLECTION
+
+AXIS = "batch"  # the pmap axis
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run carries from step to step.
+
+  step: () int32 steps done (also the data position); params; extra: the other variable
+  collections ({'dynadiag': ...} or {}); opt_state; rng: (2,) uint32 base key (dropout key
+  of step s = fold_in(rng, s)). Schedule state, static (part of the tree structure):
+  `level` is the K_active level in use (None: as initialized) and `frozen` whether the
+  freeze has happened; both change the shapes, so the pmapped step recompiles per value.
+  """
+  step: Any
+  params: Any
+  extra: Any
+  opt_state: Any
+  rng: Any
+  level: float | None = flax.struct.field(pytree_node=False, default=None)
+  frozen: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @property
+  def variables(self) -> dict:
+    """{'params': ..., **extra}: what model.apply takes."""
+    return {"params": self.params, **self.extra}
+
+  @property
+  def sparse(self) -> bool:
+    """Whether the model has DiagDense layers."""
+    return COLLECTION in self.extra
+
+
+def _np_tree(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, flax.core.unfreeze(tree))
+
+
+def create(model: nn.Module, tx: optax.GradientTransformation, x: np.ndarray, seed: int,
+           options: dict[str, Any] | None = None) -> TrainState:
+  """A fresh, un-replicated state (numpy leaves) for inputs like x (compiler `options` for init)."""
+  k_init, k_run = jax.random.split(jax.random.PRNGKey(seed))
+  init = jax.jit(lambda k: model.init(k, x, train=False))
+  variables = init.lower(k_init).compile(options or None)(k_init)
+  variables = _np_tree(variables)
+  params = variables.pop("params")
+  return TrainState(step=np.asarray(0, np.int32), params=params, extra=variables,
+                    opt_state=_np_tree(tx.init(params)), rng=np.asarray(k_run, np.uint32))
+
+
+def _with_variables(state: TrainState, variables: dict, **kw) -> TrainState:
+  variables = _np_tree(variables)
+  params = variables.pop("params")
+  return state.replace(params=params, extra=variables, **kw)
+
+
+def set_level(state: TrainState, level: float, k_start_fraction: float) -> TrainState:
+  """State whose layers compute the diagonals of K_active `level` (host, un-replicated)."""
+  v = dd.set_k_active(state.variables, level, k_start_fraction)
+  return _with_variables(state, v, level=float(level))
+
+
+def freeze(state: TrainState) -> TrainState:
+  """State after the freeze transition: alpha dropped, top-K values and moments kept."""
+  v, opt = dd.freeze(state.variables, state.opt_state)
+  return _with_variables(state, v, opt_state=_np_tree(opt), level=0.0, frozen=True)
+
+
+def advance(state: TrainState, sched: dd.Schedule, step: int) -> TrainState:
+  """The phase changes due before running `step`: the freeze at freeze_step, else the level."""
+  if not state.sparse or state.frozen:
+    return state
+  if sched.is_frozen(step):
+    return freeze(state)
+  level = sched.level(step)
+  return state if level == state.level else set_level(state, level, sched.k_start_fraction)
+
+
+def at_phase(state: TrainState, level: float | None, frozen: bool,
+             k_start_fraction: float) -> TrainState:
+  """A fresh state brought to the structure of (level, frozen): a restore target."""
+  if not state.sparse:
+    return state
+  if frozen:
+    return freeze(state)
+  return state if level is None else set_level(state, level, k_start_fraction)
+
+
+def active_diagonals(state: TrainState) -> int:
+  """Diagonals computed per step, summed over the DiagDense layers (kept K once frozen)."""
+  total = 0
+
+  def walk(node):
+    nonlocal total
+    if isinstance(node, dict):
+      if "active" in node or "offsets" in node:
+        total += int(np.shape(node.get("active", node.get("offsets")))[-1])
+        return
+      for v in node.values():
+        walk(v)
+
+  walk(state.extra.get(COLLECTION, {}))
+  return total
+
+
+def mesh(devices: Sequence[jax.Device]) -> Mesh:
+  """A 1-D mesh over the local devices the run uses."""
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def replicate(state: TrainState, devices: Sequence[jax.Device]) -> TrainState:
+  """Every leaf with a leading device axis, one copy on each device (pmap input layout)."""
+  sh = NamedSharding(mesh(devices), PartitionSpec(AXIS))
+  n = len(devices)
+  return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sh), state)
+
+
+def unreplicate(state: TrainState) -> TrainState:
+  """The copy on the first device, as numpy leaves (copied: device buffers get donated)."""
+  return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data)[0], state)
+
+
+def shard(batch: dict, devices: Sequence[jax.Device]) -> dict:
+  """A (num_devices, per_device, ...) numpy batch onto the devices."""
+  sh = NamedSharding(mesh(devices), PartitionSpec(AXIS))
+  return jax.tree.map(lambda x: jax.device_put(x, sh), batch)

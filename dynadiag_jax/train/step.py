@@ -1,0 +1,113 @@
+"""The pmapped train and eval steps: loss, gradients averaged over devices, metrics."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dynadiag_jax as dd
+from dynadiag_jax.train.build import DataSpec, input_key
+from dynadiag_jax.train.state import AXIS, TrainState
+
+
+# XLA's cheap CPU backend passes: about half the compile time, somewhat slower steps.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class Compiled:
+  """A jitted / pmapped fn that counts its compilations (one per input structure and shapes).
+
+  With compiler `options` it compiles ahead of time with them and keeps the executables;
+  without, it calls `fn` (jax's own cache and fast dispatch).
+  """
+
+  def __init__(self, fn: Callable, options: dict[str, Any] | None = None):
+    self.fn, self.options = fn, dict(options or {})
+    self._cache: dict[Any, Callable | None] = {}
+
+  @property
+  def num_compiled(self) -> int:
+    """Distinct input signatures seen, i.e. compilations."""
+    return len(self._cache)
+
+  def __call__(self, *args):
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple((np.shape(x), getattr(x, "dtype", type(x))) for x in leaves))
+    if key not in self._cache:
+      self._cache[key] = self.fn.lower(*args).compile(self.options) if self.options else None
+    exe = self._cache[key]
+    return self.fn(*args) if exe is None else exe(*args)
+
+
+def losses(logits: jax.Array, target: jax.Array,
+           label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(per-example loss, per-example correct) for int labels (..,) or soft labels (.., C)."""
+  c = logits.shape[-1]
+  soft = target.ndim == logits.ndim
+  labels = target.argmax(-1) if soft else target
+  if soft or label_smoothing:
+    p = target if soft else jax.nn.one_hot(target, c, dtype=logits.dtype)
+    if label_smoothing:
+      p = optax.smooth_labels(p, label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, p)
+  else:
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+  return loss, (logits.argmax(-1) == labels).astype(jnp.float32)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: dd.Schedule | None,
+                    spec: DataSpec, label_smoothing: float = 0.0,
+                    options: dict[str, Any] | None = None) -> Callable:
+  """pmapped (state, batch) -> (state, metrics); grads and metrics are pmean'd over AXIS.
+
+  The temperature of step s is sched.temperature(s), set inside the step. The step
+  recompiles when the state's structure changes (each K_active level, the freeze).
+  """
+  kx, ky = input_key(spec)
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
+    extra = state.extra
+    t = jnp.asarray(1.0, jnp.float32)
+    if state.sparse and not state.frozen and sched is not None:
+      t = sched.temperature(state.step)
+      extra = {k: v for k, v in dd.set_temperature(state.variables, t).items() if k != "params"}
+
+    def loss_fn(params):
+      logits = model.apply({"params": params, **extra}, batch[kx], train=True,
+                           rngs={"dropout": rng})
+      loss, correct = losses(logits, batch[ky], label_smoothing)
+      return loss.mean(), correct.mean()
+
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = jax.lax.pmean({"loss": loss, "accuracy": acc,
+                             "grad_norm": optax.tree.norm(grads)}, AXIS)
+    metrics["temperature"] = t
+    new = state.replace(step=state.step + 1, params=params, extra=extra, opt_state=opt_state)
+    return new, metrics
+
+  return Compiled(jax.pmap(step, axis_name=AXIS, donate_argnums=0), options)
+
+
+def make_eval_step(model: nn.Module, spec: DataSpec,
+                   options: dict[str, Any] | None = None) -> Callable:
+  """pmapped (state, batch) -> sums {loss, correct, count} over the masked batch, psum'd."""
+  kx, ky = input_key(spec)
+
+  def step(state: TrainState, batch: dict) -> dict:
+    logits = model.apply(state.variables, batch[kx], train=False)
+    loss, correct = losses(logits, batch[ky])
+    w = batch["mask"].reshape(batch["mask"].shape + (1,) * (loss.ndim - 1))
+    w = jnp.broadcast_to(w, loss.shape)
+    sums = {"loss": (loss * w).sum(), "correct": (correct * w).sum(), "count": w.sum()}
+    return jax.lax.psum(sums, AXIS)
+
+  return Compiled(jax.pmap(step, axis_name=AXIS), options)
