@@ -6,23 +6,14 @@ weight decay 0.05, batch 256, 300 epochs, label smoothing 0.1, crop + flip, clip
 Sparse: all four mixing linears of every block (the head stays dense), compute fraction.
 """
 
-from configs import common
+import ml_collections
+
+from configs import cifar10_vit_s, common
 
 
 def get_config():
-  c = common.base()
-  c.data.name = "cifar10"
-  c.model.update(name="mixer", variant="S", patch_size=4, dropout=0.0, dtype=common.dtype())
-  c.sparsity = 0.9
+  c = cifar10_vit_s.get_config()  # same data, recipe and schedules
+  c.model = ml_collections.ConfigDict(
+      dict(name="mixer", variant="S", patch_size=4, dropout=0.0, dtype=common.dtype()))
   c.sparse_layers = ("token_mlp_in", "token_mlp_out", "channel_mlp_in", "channel_mlp_out")
-  c.allocation = "compute_fraction"
-  c.batch_size = 256
-  c.num_epochs = 300.0
-  c.label_smoothing = 0.1
-  c.optimizer.update(lr=1e-3, weight_decay=0.05, warmup_epochs=10.0, end_lr_fraction=0.01,
-                     grad_clip=1.0)
-  c.eval_batch_size = 1000
-  c.eval_every = 5000
-  c.log_every = 100
-  c.checkpoint.every = 2000
   return c
