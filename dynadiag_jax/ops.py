@@ -9,6 +9,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dynadiag_jax import pattern
 
@@ -78,19 +79,42 @@ register_backend(Backend("dense", _dense_fwd, _dense_dx, _dense_dv))
 
 # -- the primitive -------------------------------------------------------------------------
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _diag_matmul(x_BxM, v_KxD, o_K, m, n, backend):
-  be = resolve_backend(backend)
-  return be.fwd(x_BxM, v_KxD, be.prepare(o_K, m, n), m, n)
+class StaticOffsets:
+  """Concrete offsets carried as a static argument, so backends see them as numpy.
+
+  A frozen pattern closed over by a jitted function (not passed in as an argument) thus
+  reaches `Backend.prepare` as numpy, and the pallas backend can build its exact host
+  BCSR layout at trace time instead of the bounded jittable one.
+  """
+
+  def __init__(self, o_K):
+    self.o_K = np.asarray(o_K, np.int32)
+    self._key = (self.o_K.shape, self.o_K.tobytes())
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, StaticOffsets) and self._key == other._key
 
 
-def _fwd(x_BxM, v_KxD, o_K, m, n, backend):
+def _prepared(be: Backend, o_K, static: StaticOffsets | None, m: int, n: int):
+  return be.prepare(o_K if static is None else static.o_K, m, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _diag_matmul(x_BxM, v_KxD, o_K, m, n, backend, static):
   be = resolve_backend(backend)
-  pat = be.prepare(o_K, m, n)
+  return be.fwd(x_BxM, v_KxD, _prepared(be, o_K, static, m, n), m, n)
+
+
+def _fwd(x_BxM, v_KxD, o_K, m, n, backend, static):
+  be = resolve_backend(backend)
+  pat = _prepared(be, o_K, static, m, n)
   return be.fwd(x_BxM, v_KxD, pat, m, n), (x_BxM, v_KxD, pat)
 
 
-def _bwd(m, n, backend, res, dy_BxN):
+def _bwd(m, n, backend, static, res, dy_BxN):
   x_BxM, v_KxD, pat = res
   be = resolve_backend(backend)
   dx_BxM = be.dx(dy_BxN, v_KxD, pat, m, n).astype(x_BxM.dtype)
@@ -102,12 +126,19 @@ _diag_matmul.defvjp(_fwd, _bwd)
 
 
 def diag_matmul(x, values, offsets, m: int, n: int, backend: str = "auto") -> jax.Array:
-  """y_...xN = x_...xM @ W, W the (m, n) kernel with values_KxD on diagonals offsets_K."""
+  """y_...xN = x_...xM @ W, W the (m, n) kernel with values_KxD on diagonals offsets_K.
+
+  Traced offsets (exploration, or offsets passed into jit) reach the backend traced;
+  concrete ones (eager, or closed over by jit) reach it as numpy, see `StaticOffsets`.
+  """
   pattern.check_values(values, offsets, m, n)
   be = resolve_backend(backend)  # fail early on an unknown name
   if x.shape[-1] != m:
     raise ValueError(f"x has {x.shape[-1]} features on its last axis, the kernel needs {m}")
   lead = x.shape[:-1]
-  o_K = jnp.asarray(offsets, jnp.int32)
-  y_BxN = _diag_matmul(x.reshape(-1, m), values, o_K, m, n, be.name)
+  if isinstance(offsets, jax.core.Tracer):
+    o_K, static = jnp.asarray(offsets, jnp.int32), None
+  else:
+    o_K, static = jnp.zeros((0,), jnp.int32), StaticOffsets(offsets)
+  y_BxN = _diag_matmul(x.reshape(-1, m), values, o_K, m, n, be.name, static)
   return y_BxN.reshape(*lead, n)

@@ -63,3 +63,32 @@ def test_unknown_backend_and_bad_shapes():
 
 def test_auto_backend_on_cpu_is_dense():
   assert ops.resolve_backend("auto").name == ("pallas" if jax.default_backend() == "gpu" else "dense")
+
+
+def _spy_backend(seen: list) -> str:
+  """Registers the dense backend under 'spy', recording what type prepare receives."""
+  import dataclasses
+
+  dense = ops.resolve_backend("dense")
+
+  def prepare(o_K, m, n):
+    seen.append(isinstance(o_K, jax.core.Tracer))
+    return o_K
+
+  ops.register_backend(dataclasses.replace(dense, name="spy", prepare=prepare))
+  return "spy"
+
+
+def test_concrete_offsets_reach_the_backend_static_under_jit(rng):
+  seen = []
+  name = _spy_backend(seen)
+  m, n = 20, 9
+  o = np.array([2, 7, 13], np.int32)
+  x = jnp.asarray(rng.normal(size=(4, m)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
+  loss = lambda x, v, o: ops.diag_matmul(x, v, o, m, n, name).sum() ** 2
+  closed = jax.jit(jax.grad(lambda x, v: loss(x, v, o), argnums=(0, 1)))(x, v)
+  assert seen == [False]  # one prepare, shared by forward and backward, on numpy
+  passed = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, v, jnp.asarray(o))
+  assert seen == [False, True]  # offsets passed into jit arrive traced
+  chex.assert_trees_all_close(closed, passed, rtol=1e-6)

@@ -129,8 +129,8 @@ def replicate(state: TrainState, devices: Sequence[jax.Device]) -> TrainState:
   return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(x, (n, *np.shape(x))), sh), state)
 
 
-def unreplicate(state: TrainState) -> TrainState:
-  """The copy on the first device, as numpy leaves (copied: device buffers get donated)."""
+def unreplicate(state: Any) -> Any:
+  """The copy on the first device of every leaf, as numpy (copied: buffers get donated)."""
   return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data)[0], state)
 
 

@@ -12,7 +12,7 @@ import optax
 
 import dynadiag_jax as dd
 from dynadiag_jax.train.build import DataSpec, input_key
-from dynadiag_jax.train.state import AXIS, TrainState
+from dynadiag_jax.train.state import AXIS, TrainState, unreplicate
 
 
 # XLA's cheap CPU backend passes: about half the compile time, somewhat slower steps.
@@ -44,6 +44,35 @@ class Compiled:
     return self.fn(*args) if exe is None else exe(*args)
 
 
+class PatternStep:
+  """A pmapped step(state, batch) that, once the state is frozen, closes over its pattern.
+
+  After the freeze the `dynadiag` collection (the offsets) never changes, so the step
+  takes it as a constant: `diag_matmul` then sees concrete offsets and the pallas
+  backend builds its exact host BCSR layout at trace time (DESIGN.md section 3).
+  """
+
+  def __init__(self, fn: Callable, options: dict[str, Any] | None = None,
+               donate: tuple[int, ...] = ()):
+    self.fn, self.options, self.donate = fn, options, donate
+    self.dynamic = Compiled(jax.pmap(fn, axis_name=AXIS, donate_argnums=donate), options)
+    self.frozen: Compiled | None = None
+
+  @property
+  def num_compiled(self) -> int:
+    return self.dynamic.num_compiled + (self.frozen.num_compiled if self.frozen else 0)
+
+  def __call__(self, state: TrainState, batch: dict):
+    if not (state.frozen and state.sparse):
+      return self.dynamic(state, batch)
+    if self.frozen is None:  # un-replicate the (constant) offsets once
+      const = unreplicate(state.extra)
+      fixed = lambda st, b: self.fn(st.replace(extra=const), b)
+      self.frozen = Compiled(jax.pmap(fixed, axis_name=AXIS, donate_argnums=self.donate),
+                             self.options)
+    return self.frozen(state, batch)
+
+
 def losses(logits: jax.Array, target: jax.Array,
            label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(per-example loss, per-example correct) for int labels (..,) or soft labels (.., C)."""
@@ -66,7 +95,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: d
   """pmapped (state, batch) -> (state, metrics); grads and metrics are pmean'd over AXIS.
 
   The temperature of step s is sched.temperature(s), set inside the step. The step
-  recompiles when the state's structure changes (each K_active level, the freeze).
+  recompiles when the state's structure changes (each K_active level, the freeze); frozen
+  patterns are closed over as constants (see `PatternStep`).
   """
   kx, ky = input_key(spec)
 
@@ -94,7 +124,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: d
     new = state.replace(step=state.step + 1, params=params, extra=extra, opt_state=opt_state)
     return new, metrics
 
-  return Compiled(jax.pmap(step, axis_name=AXIS, donate_argnums=0), options)
+  return PatternStep(step, options, donate=(0,))
 
 
 def make_eval_step(model: nn.Module, spec: DataSpec,
@@ -110,4 +140,4 @@ def make_eval_step(model: nn.Module, spec: DataSpec,
     sums = {"loss": (loss * w).sum(), "correct": (correct * w).sum(), "count": w.sum()}
     return jax.lax.psum(sums, AXIS)
 
-  return Compiled(jax.pmap(step, axis_name=AXIS), options)
+  return PatternStep(step, options)

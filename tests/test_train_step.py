@@ -1,0 +1,48 @@
+"""The pmapped train step closes over the frozen pattern (static offsets for the kernels)."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from dynadiag_jax import ops
+from dynadiag_jax.train import build, state, step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from configs import digits_mlp  # noqa: E402
+
+
+def test_frozen_step_sees_concrete_offsets(rng):
+  seen = []
+
+  def prepare(o_K, m, n):
+    seen.append(isinstance(o_K, jax.core.Tracer))
+    return o_K
+
+  ops.register_backend(dataclasses.replace(ops.resolve_backend("dense"), name="spy_step",
+                                           prepare=prepare))
+  c = digits_mlp.get_config()
+  c.backend, c.total_steps = "spy_step", 10
+  spec = build.DataSpec("image", (8, 8, 1), 10, 1437)
+  model, _ = build.build_model(c, spec)
+  sched = build.build_schedule(c, 10)
+  tx = build.build_optimizer(c, 10, sched)
+  host = state.advance(state.create(model, tx, spec.dummy_input(), 0, step.FAST_COMPILE), sched, 0)
+  devs = jax.local_devices()[:2]
+  p_train = step.make_train_step(model, tx, sched, spec, 0.0, step.FAST_COMPILE)
+  batch = {"image": rng.normal(size=(2, 4, 8, 8, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, (2, 4)).astype(np.int32)}
+  r, _ = p_train(state.replicate(host, devs), state.shard(batch, devs))
+  assert seen and all(seen)  # exploring: offsets come from top-k of alpha, traced
+  seen.clear()
+  frozen = state.advance(state.unreplicate(r), sched, sched.freeze_step)
+  assert frozen.frozen
+  r, m = p_train(state.replicate(frozen, devs), state.shard(batch, devs))
+  assert seen and not any(seen)  # frozen: the pattern is a constant of the step
+  assert np.isfinite(np.asarray(m["loss"])).all()
+  assert p_train.num_compiled == 2
+  out = state.unreplicate(r)
+  np.testing.assert_array_equal(out.extra["dynadiag"]["fc1"]["offsets"],
+                                frozen.extra["dynadiag"]["fc1"]["offsets"])
