@@ -74,11 +74,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _first(tree: Any) -> Any:
-  """Host floats of replicated pmap outputs."""
-  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
-
-
 def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices) -> dict[str, float]:
   """loss, accuracy (and perplexity for text) over the whole eval split."""
   n = len(devices) * jax.process_count()
@@ -88,7 +83,7 @@ def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices) -> d
     for batch in it:
       out = p_eval(rstate, state_lib.shard(batch, devices))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  s = _first(sums)
+  s = state_lib.unreplicate(sums)
   count = max(float(s["count"]), 1.0)
   out = {"loss": float(s["loss"]) / count, "accuracy": float(s["correct"]) / count}
   if spec.kind == "text":
@@ -156,7 +151,7 @@ class Run:
 def _train_record(run: Run, pending: list[dict], step: int, active: int, frozen: bool,
                   rate: float) -> dict:
   """Means over the steps since the last record, with lr, T, active diagonals, steps/s."""
-  m = jax.tree.map(lambda *xs: float(np.mean(xs)), *_first(pending))
+  m = jax.tree.map(lambda *xs: float(np.mean(xs)), *state_lib.unreplicate(pending))
   rec = {"loss": m["loss"], "accuracy": m["accuracy"], "grad_norm": m["grad_norm"],
          "lr": float(run.lr(step)), "active": active, "steps_per_s": rate}
   if run.sched is not None and not frozen:
