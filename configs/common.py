@@ -25,7 +25,12 @@ def base() -> ml_collections.ConfigDict:
   c.sparsity = 0.9  # global share of zeros over the sparse layers
   c.sparse_layers = ()  # role names; () = the paper's default (models.sparse_roles)
   c.allocation = "compute_fraction"  # 'uniform' | 'erk' | 'compute_fraction'
-  c.backend = "auto"  # diag_matmul backend: 'auto' | 'dense' | 'pallas'
+  c.backend = "auto"  # diag_matmul backend: 'auto' (pallas on GPU) | 'dense' | 'pallas'
+  c.kernel = ml_collections.ConfigDict({  # pallas backend settings
+      "block": 16,  # BCSR block (power of two >= 16)
+      "batch_tile": 0,  # rows per kernel program; 0 = automatic
+      "cluster": False,  # reorder rows / columns of frozen layouts for fuller blocks
+  })
   c.l1 = 0.0  # l1 penalty on alpha
   c.schedule = ml_collections.ConfigDict({
       "freeze_fraction": 0.3,  # exploration share of training, then freeze

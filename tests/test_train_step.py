@@ -6,6 +6,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from dynadiag_jax import ops
 from dynadiag_jax.train import build, state, step
@@ -46,3 +47,23 @@ def test_frozen_step_sees_concrete_offsets(rng):
   out = state.unreplicate(r)
   np.testing.assert_array_equal(out.extra["dynadiag"]["fc1"]["offsets"],
                                 frozen.extra["dynadiag"]["fc1"]["offsets"])
+
+
+def test_kernel_settings_reach_the_pallas_backend():
+  from pallas_kernels import diag
+
+  c = digits_mlp.get_config()
+  c.backend = "pallas"
+  c.kernel.update(block=32, cluster=True)
+  old = diag.get_config()
+  try:
+    assert build.configure_backend(c) == "pallas"
+    assert (diag.get_config().block, diag.get_config().cluster) == (32, True)
+    c.kernel.block = 24
+    with pytest.raises(ValueError, match="power of two"):
+      build.configure_backend(c)
+  finally:
+    diag.set_config(**dataclasses.asdict(old))
+  c.backend = "nope"
+  with pytest.raises(ValueError, match="unknown diag_matmul backend"):
+    build.configure_backend(c)

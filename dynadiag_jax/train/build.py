@@ -73,9 +73,20 @@ def layer_sparsity(config: ml_collections.ConfigDict, spec: DataSpec) -> dict[st
   return dd.allocation.allocate(calls, config.sparsity, names, config.allocation)
 
 
+def configure_backend(config: ml_collections.ConfigDict) -> str:
+  """The diag_matmul backend config.backend resolves to; pallas gets config.kernel's settings."""
+  name = dd.ops.resolve_backend(config.backend).name
+  if name == "pallas":
+    from pallas_kernels import diag  # pylint: disable=g-import-not-at-top
+    k = config.kernel
+    diag.set_config(block=k.block, batch_tile=k.batch_tile or None, cluster=k.cluster)
+  return name
+
+
 def build_model(config: ml_collections.ConfigDict,
                 spec: DataSpec) -> tuple[nn.Module, dict[str, float]]:
   """(model, {role: sparsity}): config.model with its sparse layers as DiagDense."""
+  configure_backend(config)
   sp = layer_sparsity(config, spec)
   factory = dd.LayerFactory.from_dict(sp, backend=config.backend)
   return models.build(model_config(config, spec), factory), sp
