@@ -31,7 +31,8 @@ class DiagDense(nn.Module):
 
   Exploring: params `alpha` (P,), `values` (P, D), `bias` (n,); collection `dynadiag`
   holds `temperature` (), `k` () and `active` (K_active,): the layer computes the
-  top-K_active diagonals of alpha, K_active being the static length of `active`.
+  top-K_active diagonals of alpha, K_active being the static length of `active` (with
+  all P active, W is dense and the layer runs one GEMM whatever the backend).
   Frozen (after `dynadiag_jax.freeze`): params `values` (K, D), `bias`; `dynadiag` holds
   `offsets` (K,) only.
   """
@@ -63,12 +64,21 @@ class DiagDense(nn.Module):
       if not k <= k_active <= p:
         raise ValueError(f"{k_active} active diagonals; must lie in [K, P] = [{k}, {p}]")
       g_P = gates.soft_topk(alpha_P, k, t.value)
+      if k_active == p:  # every diagonal: W is dense, one GEMM whatever the backend
+        bias = self._bias(n)
+        x, v_PxD, bias = nn.dtypes.promote_dtype(x, g_P[:, None] * values_PxD, bias,
+                                                 dtype=self.dtype)
+        y = x @ pattern.densify_all(v_PxD, m, n)
+        return y if bias is None else y + bias
       o_K = gates.topk_indices(jax.lax.stop_gradient(alpha_P), k_active)
       if self.is_mutable_collection(COLLECTION) and not self.is_initializing():
         active.value = o_K
       v_KxD = g_P[o_K, None] * values_PxD[o_K]
 
-    bias = self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None
+    bias = self._bias(n)
     x, v_KxD, bias = nn.dtypes.promote_dtype(x, v_KxD, bias, dtype=self.dtype)
     y = ops.diag_matmul(x, v_KxD, o_K, m, n, backend=self.backend)
     return y if bias is None else y + bias
+
+  def _bias(self, n: int) -> jax.Array | None:
+    return self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None

@@ -111,6 +111,23 @@ def densify(values, offsets, m: int, n: int) -> jax.Array:
   return w_MxN.at[offset_coords(offsets, m, n)].set(v_KxD, unique_indices=True)
 
 
+def densify_all(values_PxD, m: int, n: int) -> jax.Array:
+  """densify(values, arange(P), m, n) by slicing and reshaping alone (no scatter).
+
+  Every diagonal is present, so W (or W.T) is the skew of values.T: row t of values.T
+  rolled by t, done as a strided read of [values.T, values.T] flattened.
+  """
+  p, d = num_diagonals(m, n), diag_length(m, n)
+  if tuple(jnp.shape(values_PxD)) != (p, d):
+    raise ValueError(f"values must have shape (P, D) = {(p, d)}, got {jnp.shape(values_PxD)}")
+  y_DxP = jnp.asarray(values_PxD).T
+  flat = jnp.concatenate([y_DxP, y_DxP], axis=1).reshape(-1)  # rows of length 2P
+  flat = jnp.pad(flat, (0, p))  # the last row's stride overruns by up to P - 1
+  # z[t, r] = y[t, (r - t) % P] = flat[t * 2P + P - t + r] = flat[P + t * (2P - 1) + r]
+  z_DxP = jax.lax.slice(flat, (p,), (p + d * (2 * p - 1),)).reshape(d, 2 * p - 1)[:, :p]
+  return z_DxP.T if m >= n else z_DxP
+
+
 def gather_diagonals(w_MxN, offsets, m: int, n: int) -> jax.Array:
   """values_KxD read off the diagonals `offsets` of a dense W (inverse of `densify`)."""
   check_offsets(offsets, m, n)

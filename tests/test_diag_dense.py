@@ -26,11 +26,12 @@ def _randomize(v, rng, level=0.5, temperature=0.3):
   return dd.set_k_active(v, level)
 
 
+@pytest.mark.parametrize("level", [0.0, 0.5, 1.0])  # K_active = K, between, P
 @pytest.mark.parametrize("m,n,s", [(20, 12, 0.75), (12, 20, 0.5), (16, 16, 0.9), (7, 3, 0.0)])
-def test_equals_dense_reference_and_grads(m, n, s, rng):
+def test_equals_dense_reference_and_grads(m, n, s, level, rng):
   layer = dd.DiagDense(n, sparsity=s, backend="dense")
   x = jnp.asarray(rng.normal(size=(2, 3, m)), jnp.float32)
-  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng)
+  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng, level=level)
   k = pattern.num_kept(m, n, s)
   w = _w_eff(v["params"], v["dynadiag"], m, n, k)
   y = layer.apply(v, x)

@@ -108,3 +108,12 @@ def test_offset_coords_match_the_table(m, n, rng):
   r, c = pattern.offset_coords(o, m, n)
   np.testing.assert_array_equal(r, rows[o])
   np.testing.assert_array_equal(c, cols[o])
+
+
+@pytest.mark.parametrize("m,n", SHAPES)
+def test_densify_all_equals_densify_of_every_diagonal(m, n, rng):
+  p, d = pattern.num_diagonals(m, n), pattern.diag_length(m, n)
+  v = rng.normal(size=(p, d)).astype(np.float32)
+  np.testing.assert_array_equal(pattern.densify_all(v, m, n), pattern.densify(v, np.arange(p), m, n))
+  with pytest.raises(ValueError, match="shape"):
+    pattern.densify_all(v[:-1], m, n)
