@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from dynadiag_jax.data import augment as aug
 from dynadiag_jax.data import builders
 from dynadiag_jax.data.errors import DataNotFoundError
+from dynadiag_jax.data.source import Source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,7 @@ def load_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return builder
 
 
-class ImageSource:
+class ImageSource(Source):
   """Random access to one image data set: uint8 examples in, normalized float32 batches out."""
 
   kind = 'image'
@@ -112,14 +113,6 @@ class ImageSource:
   def input_shape(self) -> tuple[int, int, int]:
     """Shape of one output image (H, W, C)."""
     return (self.image_size, self.image_size, self.info.channels)
-
-  @property
-  def num_train(self) -> int:
-    return self.num_examples(self.train_split)
-
-  @property
-  def num_test(self) -> int:
-    return self.num_examples(self.eval_split)
 
   def num_examples(self, split: str) -> int:
     """Examples in one split."""

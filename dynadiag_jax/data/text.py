@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from dynadiag_jax.data.errors import DataNotFoundError
+from dynadiag_jax.data.source import Source
 
 try:
   import regex as _re  # GPT-2's exact pattern needs \p{L} / \p{N}
@@ -205,7 +206,7 @@ def wikitext103_streams(text_dir: str, tok, cache_dir: str | None = None) -> dic
   return out
 
 
-class TextSource:
+class TextSource(Source):
   """Windows of a token stream: {'inputs', 'targets'} int32 (b, seq_len) per batch."""
 
   kind = 'text'
@@ -227,14 +228,6 @@ class TextSource:
   @property
   def input_shape(self) -> tuple[int]:
     return (self.seq_len,)
-
-  @property
-  def num_train(self) -> int:
-    return self.num_examples(self.train_split)
-
-  @property
-  def num_test(self) -> int:
-    return self.num_examples(self.eval_split)
 
   def num_examples(self, split: str) -> int:
     """Whole windows of seq_len + 1 tokens (stride seq_len) in a split."""
