@@ -30,7 +30,9 @@ def test_frozen_step_sees_concrete_offsets(rng):
   model, _ = build.build_model(c, spec)
   sched = build.build_schedule(c, 10)
   tx = build.build_optimizer(c, 10, sched)
-  host = state.advance(state.create(model, tx, spec.dummy_input(), 0, step.FAST_COMPILE), sched, 0)
+  host = state.create(model, tx, spec.dummy_input(), 0, step.FAST_COMPILE)
+  host = state.advance(host, sched, sched.freeze_step - 1)  # K <= K_active < P: diag_matmul
+  assert not host.frozen and host.level < 1.0
   devs = jax.local_devices()[:2]
   p_train = step.make_train_step(model, tx, sched, spec, 0.0, step.FAST_COMPILE)
   batch = {"image": rng.normal(size=(2, 4, 8, 8, 1)).astype(np.float32),
