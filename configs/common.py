@@ -25,11 +25,20 @@ def base() -> ml_collections.ConfigDict:
   c.sparsity = 0.9  # global share of zeros over the sparse layers
   c.sparse_layers = ()  # role names; () = the paper's default (models.sparse_roles)
   c.allocation = "compute_fraction"  # 'uniform' | 'erk' | 'compute_fraction'
-  c.backend = "auto"  # diag_matmul backend: 'auto' (pallas on GPU) | 'dense' | 'pallas'
-  c.kernel = ml_collections.ConfigDict({  # pallas backend settings
-      "block": 16,  # BCSR block (power of two >= 16)
+  c.block = 1  # b x b block-diagonals; each layer takes the largest valid b up to this
+  c.backend = "auto"  # diag_matmul backend: 'auto' | 'dense' | 'xla' | 'pallas'
+  c.kernel = ml_collections.ConfigDict({  # backend settings (dynadiag_jax.ops.KernelConfig)
+      "bcsr_block": 16,  # pallas: BCSR block of block-1 patterns (power of two >= 16)
       "batch_tile": 0,  # rows per kernel program; 0 = automatic
       "cluster": False,  # reorder rows / columns of frozen layouts for fuller blocks
+  })
+  c.method = "dynadiag"  # dense | dynadiag | static_diag | diagheur | diagrigl | rigl | set | gmp | nm
+  c.masks = ml_collections.ConfigDict({  # mask methods (dynadiag_jax.methods)
+      "every": 100,  # steps between mask updates
+      "drop_fraction": 0.3,  # RigL / SET / N:M / diagheur: share replaced, cosine decay
+      "end_fraction": 0.75,  # masks fixed from this share of training (GMP: target reached)
+      "gmp_start_fraction": 0.0,  # GMP: pruning starts here
+      "group": 0,  # nm: M consecutive inputs per group (0: all inputs, constant fan-in)
   })
   c.l1 = 0.0  # l1 penalty on alpha
   c.schedule = ml_collections.ConfigDict({

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 import dynadiag_jax as dd
-from dynadiag_jax import models
+from dynadiag_jax import methods, models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,7 @@ def model_config(config: ml_collections.ConfigDict, spec: DataSpec) -> ml_collec
 
 def sparse_layers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """Layer roles made DiagDense: config.sparse_layers, or the paper's default when empty."""
-  if not config.sparse:
+  if not config.sparse or methods.name(config) == "dense":
     return ()
   names = tuple(config.get("sparse_layers") or ())
   return names or tuple(models.sparse_roles(config.model))
@@ -73,14 +73,17 @@ def layer_sparsity(config: ml_collections.ConfigDict, spec: DataSpec) -> dict[st
   return dd.allocation.allocate(calls, config.sparsity, names, config.allocation)
 
 
+def kernel_config(config: ml_collections.ConfigDict) -> dd.ops.KernelConfig:
+  """config.kernel as the static settings value the backends take."""
+  k = config.kernel
+  return dd.ops.KernelConfig(bcsr_block=int(k.bcsr_block), batch_tile=int(k.batch_tile) or None,
+                             cluster=bool(k.cluster))
+
+
 def configure_backend(config: ml_collections.ConfigDict) -> str:
-  """The diag_matmul backend config.backend resolves to; pallas gets config.kernel's settings."""
-  name = dd.ops.resolve_backend(config.backend).name
-  if name == "pallas":
-    from pallas_kernels import diag  # pylint: disable=g-import-not-at-top
-    k = config.kernel
-    diag.set_config(block=k.block, batch_tile=k.batch_tile or None, cluster=k.cluster)
-  return name
+  """Checks config.backend and config.kernel; returns the backend name ('auto' stays 'auto')."""
+  kernel_config(config)
+  return dd.ops.check_backend_name(config.backend)
 
 
 def build_model(config: ml_collections.ConfigDict,
@@ -88,7 +91,9 @@ def build_model(config: ml_collections.ConfigDict,
   """(model, {role: sparsity}): config.model with its sparse layers as DiagDense."""
   configure_backend(config)
   sp = layer_sparsity(config, spec)
-  factory = dd.LayerFactory.from_dict(sp, backend=config.backend)
+  diag = sp if methods.diag_dense(config) else {}  # mask methods: nn.Dense, masked by tx
+  factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
+                                      kernel_config=kernel_config(config))
   return models.build(model_config(config, spec), factory), sp
 
 

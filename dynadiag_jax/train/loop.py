@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -17,7 +18,8 @@ import numpy as np
 import optax
 
 import dynadiag_jax as dd
-from dynadiag_jax import data
+from dynadiag_jax import data, methods
+from dynadiag_jax.methods import records
 from dynadiag_jax.train import build, checkpoint, progress
 from dynadiag_jax.train import state as state_lib
 from dynadiag_jax.train.step import FAST_COMPILE, make_eval_step, make_train_step
@@ -74,14 +76,23 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
+@functools.lru_cache(maxsize=8)
+def _device_preprocess(source):
+  """pmapped data.device.preprocess: uint8 -> normalized float32, mixup / cutmix, on the devices."""
+  return jax.pmap(data.device.preprocess(source))
+
+
 def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices) -> dict[str, float]:
   """loss, accuracy (and perplexity for text) over the whole eval split."""
   n = len(devices) * jax.process_count()
   eb = int(math.ceil(config.eval_batch_size / n) * n)
   sums = None
-  with contextlib.closing(data.eval_batches(source, eb, num_devices=len(devices))) as it:
+  prep = _device_preprocess(source)
+  with contextlib.closing(data.eval_batches(source, eb, num_devices=len(devices), raw=True,
+                                            workers=data.num_workers(config.data, source),
+                                            prefetch=config.data.prefetch)) as it:
     for batch in it:
-      out = p_eval(rstate, state_lib.shard(batch, devices))
+      out = p_eval(rstate, prep(state_lib.shard(batch, devices)))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   s = state_lib.unreplicate(sums)
   count = max(float(s["count"]), 1.0)
@@ -124,8 +135,10 @@ class Run:
     model, sparsity = build.build_model(config, spec)
     steps = build.total_steps(config, spec)
     spe = build.steps_per_epoch(config, spec)
-    sched = build.build_schedule(config, steps) if sparsity else None
+    diag = sparsity and methods.diag_dense(config)
+    sched = build.build_schedule(config, steps) if diag else None
     tx = build.build_optimizer(config, steps, sched, spe)
+    tx = methods.wrap_optimizer(config, tx, model, spec.dummy_input(), sparsity, steps)
     return cls(config, local_devices(config), source, spec, model, sparsity, steps, sched, tx,
                build.learning_rate(config, steps, spe),
                FAST_COMPILE if config.get("fast_compile") else None)
@@ -133,7 +146,8 @@ class Run:
   def fresh(self) -> state_lib.TrainState:
     """The initial state, un-replicated."""
     x = self.spec.dummy_input()
-    return state_lib.create(self.model, self.tx, x, self.config.seed, self.options)
+    state = state_lib.create(self.model, self.tx, x, self.config.seed, self.options)
+    return methods.prepare(self.config, state)
 
   def like(self, meta: dict) -> state_lib.TrainState:
     """A fresh state in the phase a checkpoint's metadata names (its restore target)."""
@@ -172,8 +186,22 @@ def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, star
       "sparsity": tot["sparsity"], "stored_params": tot["stored_params"],
       "dense_params": tot["dense_params"], "steps": run.steps, "wall_s": wall_s,
       "resumed_from": start, "train_step_compiles": compiles, "layer_sparsity": run.sparsity,
-      "model": run.config.model.name, "data": run.source.name,
+      "model": run.config.model.name, "data": run.source.name, "method": methods.name(run.config),
+      **_mask_totals(run, host),
   }
+
+
+def _mask_totals(run: Run, host: state_lib.TrainState) -> dict:
+  """sparsity and stored_params of a mask method from its masks (dense kernels otherwise)."""
+  kept = methods.stored_weights(run.config, run.model, run.spec.dummy_input(), run.sparsity,
+                                host.opt_state)
+  if kept is None:
+    return {}
+  dense = kept.pop("dense")
+  tot = dd.totals(run.model, host.variables, run.spec.dummy_input())
+  n = sum(kept.values())
+  return {"sparsity": 1.0 - n / dense, "stored_params": tot["stored_params"] - dense + n,
+          "layer_kept": kept}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -220,7 +248,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host)
   pending: list[dict] = []
   batches = data.batches(run.source, config.batch_size, seed=config.seed, start_step=start,
-                         num_devices=len(devices))
+                         num_devices=len(devices), raw=True, prefetch=config.data.prefetch,
+                         workers=data.num_workers(config.data, run.source),
+                         num_steps=run.steps - start)
+  prep = _device_preprocess(run.source)
   try:
     with _Preemption() as stop, contextlib.closing(batches):
       for step in range(start, run.steps):
@@ -236,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           if host.frozen:
             rep.event(step, "freeze")
           rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host)
-        rstate, metrics = p_train(rstate, state_lib.shard(next(batches), devices))
+        rstate, metrics = p_train(rstate, prep(state_lib.shard(next(batches), devices)))
         done = step + 1
         rep.tick()
         if config.log_every:
@@ -245,6 +276,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
             rec = _train_record(run, pending, step, active, rstate.frozen, rep.steps_per_s(done))
             rep.write(done, "train", rec, postfix=True)
             pending = []
+            if lead and rstate.sparse and not rstate.frozen:
+              records.trace(workdir, done, rstate)
         if config.eval_every and done % config.eval_every == 0 and done < run.steps:
           rep.write(done, "eval", evaluate(p_eval, rstate, run.source, run.spec, config, devices))
         if done < run.steps and ck.should_save(done):
@@ -266,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
                      p_train.num_compiled)
   rep.close()
   if lead:
+    records.write(workdir, run.model, host.variables, run.source, run.spec.kind,
+                  run.spec.dummy_input())
     path = progress.write_summary(workdir, summary)
     x0 = run.spec.dummy_input()
     print(dd.summarize(run.model, host.variables, x0))

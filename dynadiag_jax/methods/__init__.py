@@ -1,0 +1,120 @@
+"""`config.method`: DynaDiag and the baselines of DESIGN.md section 9 in one training system.
+
+- dense: nn.Dense everywhere.
+- dynadiag: DiagDense, learned diagonals (section 3); static_diag: DiagDense frozen at
+  step 0 on K random diagonals per layer.
+- diagheur (paper Appendix H): masks of K diagonals, every `masks.every` steps drop the
+  lowest-norm diagonals and regrow as many at random; diagrigl: regrow by the norm of
+  each diagonal's dense gradient (RigL over diagonals).
+- rigl, set, gmp: unstructured masks over dense kernels (RigL: magnitude drop, gradient
+  growth; SET: random growth; GMP: magnitude pruning from dense, cubic schedule).
+- nm: N of every M consecutive inputs of each output (constant fan-in when M = all),
+  evolved like RigL within each group (SRigL-like).
+Every sparse layer keeps as many weights as DynaDiag's K x D at the same sparsity and
+allocation. Masks live in the optimizer state (`masks.MaskState`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+import dynadiag_jax as dd
+from dynadiag_jax.methods import masks
+
+METHODS = ("dense", "dynadiag", "static_diag", "diagheur", "diagrigl", "rigl", "set", "gmp", "nm")
+DIAG_DENSE = ("dynadiag", "static_diag")  # built from DiagDense layers
+MASKED: dict[str, tuple[str, str]] = {  # method -> (mask kind, growth)
+    "diagheur": ("diag", "random"), "diagrigl": ("diag", "gradient"),
+    "rigl": ("unstructured", "gradient"), "set": ("unstructured", "random"),
+    "gmp": ("unstructured", "none"), "nm": ("nm", "gradient"),
+}
+
+
+def name(config: ml_collections.ConfigDict) -> str:
+  """The run's method: config.method ('dense' when config.sparse is False)."""
+  m = config.get("method", "dynadiag")
+  if m not in METHODS:
+    raise ValueError(f"unknown config.method {m!r}; one of {METHODS}")
+  return "dense" if not config.sparse else m
+
+
+def diag_dense(config: ml_collections.ConfigDict) -> bool:
+  """Whether the sparse layers are DiagDense (else nn.Dense, masked or not)."""
+  return name(config) in DIAG_DENSE
+
+
+def mask_layers(config: ml_collections.ConfigDict, model: nn.Module, x: np.ndarray,
+                sparsity: dict[str, float]) -> dict[str, masks.Layer]:
+  """{'<path>/kernel': Layer} of the dense model's layers named in `sparsity`."""
+  kind, _ = MASKED[name(config)]
+  mc = config.get("masks") or {}
+  block = int(config.get("block", 1) or 1) if kind == "diag" else 1
+  out = {}
+  for c in dd.linear_calls(model, None, x):
+    if c.name in sparsity:
+      key = "/".join(c.path) + "/kernel"
+      b = dd.pattern.largest_block(c.m, c.n, block) if block > 1 else 1
+      out[key] = masks.layer(key, c.m, c.n, sparsity[c.name], kind, int(mc.get("group", 0)), b)
+  return out
+
+
+def mask_schedule(config: ml_collections.ConfigDict, steps: int) -> masks.Schedule:
+  """The mask update schedule of config.masks for the run's method."""
+  mc = config.get("masks") or ml_collections.ConfigDict()
+  growth = MASKED[name(config)][1]
+  return masks.Schedule(steps, every=int(mc.get("every", 100)),
+                        drop_fraction=float(mc.get("drop_fraction", 0.3)),
+                        end_fraction=float(mc.get("end_fraction", 0.75)),
+                        growth=growth, gmp=name(config) == "gmp",
+                        gmp_start_fraction=float(mc.get("gmp_start_fraction", 0.0)))
+
+
+def wrap_optimizer(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+                   model: nn.Module, x: np.ndarray, sparsity: dict[str, float],
+                   steps: int) -> optax.GradientTransformation:
+  """tx, wrapped in the evolving masks of a mask method (unchanged for the others)."""
+  if name(config) not in MASKED or not sparsity:
+    return tx
+  return masks.masked(tx, mask_layers(config, model, x, sparsity), mask_schedule(config, steps),
+                      int(config.seed))
+
+
+def prepare(config: ml_collections.ConfigDict, state: Any) -> Any:
+  """A fresh TrainState made ready for the method (static_diag: frozen on random diagonals)."""
+  if name(config) != "static_diag" or not state.sparse:
+    return state
+  from dynadiag_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  params = jax.tree.map(np.array, state.params)  # a copy to edit
+  key = jax.random.PRNGKey(int(config.seed) ^ 0x57A71C)
+  for i, path in enumerate(dd.exploring_layers(state.variables)):
+    node = params
+    for k in path:
+      node = node[k]
+    p = node["alpha"].shape[0]
+    # Ties broken at random: the top-K of alpha (what freeze keeps) is a random K-subset,
+    # and the gates stay ~K/P, so the folded values are those of the exploring layer.
+    noise = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (p,)))
+    node["alpha"] = (np.full(p, 1.0 / p) + 1e-6 / p * noise).astype(node["alpha"].dtype)
+  return state_lib.freeze(state.replace(params=params))
+
+
+def stored_weights(config: ml_collections.ConfigDict, model: nn.Module, x: np.ndarray,
+                   sparsity: dict[str, float], opt_state: Any) -> dict[str, int] | None:
+  """{layer: kept weights, 'dense': their dense size} of a mask method's masks, else None."""
+  st = masks.find_state(opt_state)
+  if name(config) not in MASKED or st is None:
+    return None
+  lays = mask_layers(config, model, x, sparsity)
+  out = {k: int(np.asarray(lays[k].to_weights(np.asarray(u))).sum()) for k, u in st.masks.items()}
+  out["dense"] = sum(l.m * l.n for l in lays.values())
+  return out
+
+
+__all__ = ["DIAG_DENSE", "MASKED", "METHODS", "diag_dense", "mask_layers", "mask_schedule",
+           "masks", "name", "prepare", "stored_weights", "wrap_optimizer"]
