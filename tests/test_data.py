@@ -365,31 +365,80 @@ def test_prefetch_propagates_errors_and_closes():
   assert not endless._thread.is_alive()
 
 
-def test_prepared_imagenet_jpeg_decoded_and_cropped(tmp_path):
-  """imagenet2012 layout (JPEG, varied sizes, 'validation'): threads decode, crops fix the size."""
+@pytest.fixture(scope='session')
+def imagenet(tmp_path_factory) -> data.ImageSource:
+  """A stand-in imagenet2012 (24 + 8 synthetic JPEGs, ~400 x 350) prepared without TensorFlow."""
+  from dynadiag_jax.data import prepare, synthetic
+  d = tmp_path_factory.mktemp('inet')
+  synthetic.write_imagenet_tars(str(d / 'manual'), 24, 8, num_classes=6)
+  prepare.prepare_imagenet(str(d / 'manual'), str(d / 'data'))
+  return data.ImageSource('imagenet2012', str(d / 'data'), image_size=64, num_workers=2)
 
-  def gen(n, split):
-    r = np.random.default_rng(n)
-    for i in range(n):
-      x = r.integers(0, 256, (int(r.integers(40, 90)), int(r.integers(40, 90)), 3), dtype=np.uint8)
-      buf = io.BytesIO()
-      Image.fromarray(x).save(buf, format='jpeg')
-      yield f'{split}_{i}', {'file_name': f'{split}_{i}.JPEG', 'image': buf.getvalue(),
-                             'label': i}
 
-  class FakeImagenet(tfds.builder_cls('imagenet2012'), skip_registration=True):
-    name = 'imagenet2012'
-    url_infos = None
-
-    def _split_generators(self, dl_manager):
-      return {'train': gen(12, 'train'), 'validation': gen(6, 'validation')}
-
-  FakeImagenet(data_dir=str(tmp_path)).download_and_prepare(file_format='array_record')
-  src = data.ImageSource('imagenet2012', str(tmp_path), image_size=32, num_workers=2)
-  assert (src.num_train, src.num_test, src.cache) == (12, 6, False)
+def test_prepared_imagenet_jpeg_decoded_and_cropped(imagenet):
+  """imagenet2012 (encoded JPEGs, 'validation'): decoded per example, crops fix the size."""
+  src = imagenet
+  assert (src.num_train, src.num_test, src.cache, src.encoded) == (24, 8, False, True)
   b = data.train_batch(src, 1, global_batch=4, seed=0, num_devices=1)
-  assert b['image'].shape == (1, 4, 32, 32, 3) and b['label'].shape == (1, 4)
+  assert b['image'].shape == (1, 4, 64, 64, 3) and b['label'].shape == (1, 4)
   np.testing.assert_array_equal(b['image'], data.train_batch(src, 1, global_batch=4, seed=0)['image'])
-  e = list(data.eval_batches(src, 4, num_devices=2, process_count=1, process_index=0))
-  assert len(e) == 2 and e[0]['image'].shape == (2, 2, 32, 32, 3) and e[1]['mask'].sum() == 2
-  src.close()
+  e = list(data.eval_batches(src, 6, num_devices=2, process_count=1, process_index=0))
+  assert len(e) == 2 and e[0]['image'].shape == (2, 3, 64, 64, 3) and e[1]['mask'].sum() == 2
+
+
+def test_jpeg_crop_matches_the_numpy_path(imagenet):
+  """The fused decode + crop draws the same boxes as augment.train_transform; pixels agree closely."""
+  from dynadiag_jax.data import jpeg
+  raw = imagenet.data_source('train')
+  cfg = aug.AugmentConfig(crop='random_resized_crop', flip=True)
+  diffs = []
+  for i in range(8):
+    enc = raw[i]['image']
+    x = jpeg.decode(enc)
+    assert x.dtype == np.uint8 and x.ndim == 3 and x.shape[:2] == jpeg.size(enc)
+    assert 250 <= min(x.shape[:2]) and max(x.shape[:2]) < 500  # ImageNet-like sizes
+    fast = jpeg.example(enc, 64, np.random.default_rng([i, 7]), cfg)
+    ref = aug.train_transform(x, np.random.default_rng([i, 7]), cfg, 64)
+    assert fast.shape == ref.shape == (64, 64, 3)
+    diffs.append(np.abs(fast.astype(float) - ref).mean())
+    ev = jpeg.example(enc, 64, crop_frac=0.875)
+    np.testing.assert_array_less(np.abs(ev.astype(float) - aug.center_crop_resize(x, 64, 0.875)).mean(), 6)
+  assert np.median(diffs) < 6, diffs  # bilinear vs PIL's antialiased bilinear: a few levels
+
+
+def test_raw_batches_finished_on_device_equal_host_batches(mnist):
+  """uint8 + mix numbers, normalized and mixed by data.device under pmap == the host's float32."""
+  import jax
+  kw = dict(global_batch=16, seed=2, num_devices=2, process_index=0, process_count=1)
+  raw = data.train_batch(mnist, 3, raw=True, **kw)
+  host = data.train_batch(mnist, 3, **kw)
+  assert raw['image'].dtype == np.uint8 and raw['label'].dtype == np.int32
+  assert raw['mix_box'].shape == (2, 8, 4) and raw['mix_weight'].shape == (2, 8, 2)
+  out = jax.pmap(data.device.preprocess(mnist))(raw)
+  assert set(out) == {'image', 'label'}
+  np.testing.assert_allclose(np.asarray(out['image']), host['image'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out['label']), host['label'], rtol=1e-6, atol=1e-6)
+  w = raw['mix_weight'].reshape(-1, 2)
+  assert (w[:, 1] < 1).any()  # something was mixed
+  ev = next(data.eval_batches(mnist, 16, num_devices=2, process_index=0, process_count=1, raw=True))
+  out = jax.pmap(data.device.preprocess(mnist))(ev)
+  np.testing.assert_allclose(np.asarray(out['image']), mnist.normalize(ev['image']), rtol=1e-6,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match='even batch per device'):
+    data.train_batch(mnist, 0, global_batch=12, seed=0, num_devices=4, raw=True)
+
+
+def test_worker_processes_give_the_same_stream(imagenet):
+  """grain workers (processes) and the in-process thread yield the same batches; resume by step."""
+  import pickle
+  kw = dict(global_batch=6, seed=1, num_devices=2, process_index=0, process_count=1, raw=True)
+  ref = list(data.batches(imagenet, **kw, num_steps=5, workers=0))
+  with data.batches(imagenet, **kw, num_steps=5, workers=2, prefetch=1) as it:
+    got = list(it)
+  assert len(got) == 5 and all(_eq(a, b) for a, b in zip(ref, got))
+  with data.batches(imagenet, **kw, start_step=3, workers=2) as it:  # endless, from step 3
+    assert _eq(next(it), ref[3]) and _eq(next(it), ref[4])
+  assert ref[0]['image'].dtype == np.uint8 and ref[0]['image'].shape == (2, 3, 64, 64, 3)
+  clone = pickle.loads(pickle.dumps(imagenet))  # what a worker receives
+  assert _eq(data.train_batch(clone, 2, **kw), ref[2])
+  assert data.default_workers(imagenet) >= 1 and data.default_workers(clone) >= 1

@@ -5,6 +5,9 @@
     for batch in data.batches(source, global_batch=128, seed=0, start_step=step): ...
     for batch in data.eval_batches(source, global_batch=256): ...  # has 'mask'
 
+Training sends raw batches (uint8, `raw=True`, built by `workers` processes) and finishes them
+on the devices with `device.preprocess(source)` (normalization, mixup / cutmix).
+
 Sources expose kind ('image' | 'text'), num_classes or vocab_size, input_shape, num_train,
 num_test, train_split, eval_split and get_batch(split, idx, rngs, augment).
 """
@@ -14,11 +17,12 @@ import os
 
 import ml_collections
 
-from dynadiag_jax.data import augment, builders, images, pipeline, text
+from dynadiag_jax.data import augment, builders, device, images, jpeg, pipeline, text
 from dynadiag_jax.data.augment import AugmentConfig
 from dynadiag_jax.data.errors import DataNotFoundError
 from dynadiag_jax.data.images import ImageSource
-from dynadiag_jax.data.pipeline import Prefetch, batches, eval_batch, eval_batches, train_batch
+from dynadiag_jax.data.pipeline import (Prefetch, batches, default_workers, eval_batch, eval_batches,
+                                        train_batch)
 from dynadiag_jax.data.text import ByteTokenizer, GPT2Tokenizer, TextSource, get_tokenizer
 
 IMAGE_SETS = tuple(images.INFO)
@@ -47,6 +51,10 @@ def default_config() -> ml_collections.ConfigDict:
       'vocab_dir': None,  # None -> <data_dir>/gpt2
       'text_dir': None,  # wikitext103 raw files; None -> <data_dir>/wikitext-103-raw
       'eval_split': None,  # None -> 'test' (imagenet2012: 'validation', pydoc: 'validation')
+      # loading
+      'workers': ml_collections.config_dict.placeholder(int),  # processes decoding batches;
+      # None -> 0 (a thread) for sets held in memory, else one per CPU core
+      'prefetch': 2,  # batches ahead, per worker (or in the thread)
   })
 
 
@@ -55,6 +63,12 @@ def augment_config(cfg: ml_collections.ConfigDict, base: AugmentConfig) -> Augme
   over = {k: cfg.get(k) for k in _AUG_FIELDS if cfg.get(k) is not None}
   over = {k: tuple(v) if k in ('scale', 'ratio') else v for k, v in over.items()}
   return dataclasses.replace(base, **over)
+
+
+def num_workers(cfg: ml_collections.ConfigDict, source) -> int:
+  """cfg.workers, or pipeline.default_workers(source) when unset."""
+  w = cfg.get('workers')
+  return default_workers(source) if w is None else int(w)
 
 
 def build(cfg: ml_collections.ConfigDict) -> ImageSource | TextSource:
@@ -83,6 +97,6 @@ def build(cfg: ml_collections.ConfigDict) -> ImageSource | TextSource:
 __all__ = [
     'AugmentConfig', 'ByteTokenizer', 'DataNotFoundError', 'GPT2Tokenizer', 'ImageSource',
     'Prefetch', 'TextSource', 'augment', 'augment_config', 'batches', 'build', 'builders',
-    'default_config', 'default_data_dir', 'eval_batch', 'eval_batches', 'get_tokenizer', 'images',
-    'pipeline', 'text', 'train_batch',
+    'default_config', 'default_data_dir', 'default_workers', 'device', 'eval_batch', 'eval_batches',
+    'get_tokenizer', 'images', 'jpeg', 'num_workers', 'pipeline', 'text', 'train_batch',
 ]

@@ -65,16 +65,19 @@ def center_crop_resize(x_HxWxC: np.ndarray, size: int, crop_frac: float = 1.0) -
   h, w = x_HxWxC.shape[:2]
   if crop_frac >= 1.0 and h == w:
     return resize(x_HxWxC, (size, size))
+  return resize(x_HxWxC, (size, size), box=center_box(h, w, crop_frac))
+
+
+def center_box(h: int, w: int, crop_frac: float = 1.0) -> tuple[float, float, float, float]:
+  """(left, top, right, bottom) of the central square of side crop_frac * min(h, w)."""
   s = crop_frac * min(h, w)
   top, left = (h - s) / 2, (w - s) / 2
-  return resize(x_HxWxC, (size, size), box=(left, top, left + s, top + s))
+  return (left, top, left + s, top + s)
 
 
-def random_resized_crop(x_HxWxC: np.ndarray, rng: np.random.Generator, size: int,
-                        scale: Sequence[float] = (0.08, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
-  """Inception-style crop (torchvision's algorithm: 10 tries, then a central crop), resized."""
-  h, w = x_HxWxC.shape[:2]
+def rrc_box(rng: np.random.Generator, h: int, w: int, scale: Sequence[float] = (0.08, 1.0),
+            ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+  """Inception-style crop box (left, top, right, bottom): torchvision's 10 tries, then central."""
   area = h * w
   log_r = (math.log(ratio[0]), math.log(ratio[1]))
   for _ in range(10):
@@ -83,7 +86,7 @@ def random_resized_crop(x_HxWxC: np.ndarray, rng: np.random.Generator, size: int
     cw, ch = int(round(math.sqrt(target * r))), int(round(math.sqrt(target / r)))
     if 0 < cw <= w and 0 < ch <= h:
       top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-      return resize(x_HxWxC, (size, size), box=(left, top, left + cw, top + ch))
+      return (left, top, left + cw, top + ch)
   r_in = w / h  # fallback: the whole image, clipped to the ratio range
   if r_in < min(ratio):
     cw, ch = w, int(round(w / min(ratio)))
@@ -92,7 +95,15 @@ def random_resized_crop(x_HxWxC: np.ndarray, rng: np.random.Generator, size: int
   else:
     cw, ch = w, h
   top, left = (h - ch) // 2, (w - cw) // 2
-  return resize(x_HxWxC, (size, size), box=(left, top, left + cw, top + ch))
+  return (left, top, left + cw, top + ch)
+
+
+def random_resized_crop(x_HxWxC: np.ndarray, rng: np.random.Generator, size: int,
+                        scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> np.ndarray:
+  """Inception-style crop (`rrc_box`), resized to (size, size)."""
+  h, w = x_HxWxC.shape[:2]
+  return resize(x_HxWxC, (size, size), box=rrc_box(rng, h, w, scale, ratio))
 
 
 def pad_crop(x_HxWxC: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
@@ -137,36 +148,59 @@ def _cut_box(rng: np.random.Generator, h: int, w: int, lam: float) -> tuple[int,
   return (max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w))
 
 
-def mix_pairs(x_BxHxWxC: np.ndarray, y_B: np.ndarray, num_classes: int,
-              rngs: Sequence[np.random.Generator],
-              cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
-  """Mixup / CutMix within pairs (0, 1), (2, 3), ...: one Generator per pair; soft labels out.
+def mix_params(rngs: Sequence[np.random.Generator], cfg: AugmentConfig, b: int, h: int,
+               w: int) -> tuple[np.ndarray, np.ndarray]:
+  """Mixup / CutMix of pairs (0, 1), (2, 3), ... as numbers: box int32 (b, 4), weight float32 (b, 2).
 
-  Pairing neighbours (rather than the whole batch with its reverse) keeps the result of an
-  example independent of how the global batch is split over hosts, as long as every host's
-  slice has even length. With an odd batch the last example stays unmixed.
+  Example a becomes `m * x[a] + (1 - m) * x[partner]` with m = weight[a, 0] inside its box
+  (top, bottom, left, right) and 1 outside, and its label `weight[a, 1] * y[a] + (1 -
+  weight[a, 1]) * y[partner]`: mixup is the whole image with m = lam, cutmix a box with m = 0
+  (label weight: the share of pixels kept), an unmixed pair an empty box with weight 1. One
+  Generator per pair; an odd last example stays unmixed.
   """
-  x = np.array(x_BxHxWxC, dtype=np.float32, copy=True)
-  y = one_hot(np.asarray(y_B), num_classes)
-  h, w = x.shape[1:3]
-  for k in range(len(x) // 2):
-    rng, a, b = rngs[k], 2 * k, 2 * k + 1
+  box = np.zeros((b, 4), np.int32)
+  wt = np.ones((b, 2), np.float32)
+  for k in range(b // 2):
+    rng = rngs[k]
     if rng.random() >= cfg.mix_prob:
       continue
     use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or rng.random() < cfg.switch_prob)
     if use_cutmix:
       lam = float(rng.beta(cfg.cutmix_alpha, cfg.cutmix_alpha))
       t, bt, l, r = _cut_box(rng, h, w, lam)
-      xa = x[a, t:bt, l:r].copy()
-      x[a, t:bt, l:r] = x[b, t:bt, l:r]
-      x[b, t:bt, l:r] = xa
-      lam = 1.0 - (bt - t) * (r - l) / (h * w)  # the area actually kept
+      box[2 * k:2 * k + 2] = (t, bt, l, r)
+      wt[2 * k:2 * k + 2] = (0.0, 1.0 - (bt - t) * (r - l) / (h * w))  # the area actually kept
     else:
       lam = float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
-      xa = x[a].copy()
-      x[a] = lam * x[a] + (1 - lam) * x[b]
-      x[b] = lam * x[b] + (1 - lam) * xa
-    ya = y[a].copy()
-    y[a] = lam * y[a] + (1 - lam) * y[b]
-    y[b] = lam * y[b] + (1 - lam) * ya
-  return x, y
+      box[2 * k:2 * k + 2] = (0, h, 0, w)
+      wt[2 * k:2 * k + 2] = (lam, lam)
+  return box, wt
+
+
+def apply_mix(x_BxHxWxC: np.ndarray, y_B: np.ndarray, num_classes: int, box: np.ndarray,
+              wt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`mix_params` applied on the host (float32 images, soft labels); the reference of data.device."""
+  x = np.asarray(x_BxHxWxC, np.float32)
+  y = one_hot(np.asarray(y_B), num_classes)
+  b, h, w = x.shape[:3]
+  p = np.where((np.arange(b) ^ 1) < b, np.arange(b) ^ 1, np.arange(b))  # pair partner
+  rows, cols = np.arange(h)[None, :, None], np.arange(w)[None, None, :]
+  inside = ((rows >= box[:, 0, None, None]) & (rows < box[:, 1, None, None])
+            & (cols >= box[:, 2, None, None]) & (cols < box[:, 3, None, None]))
+  m = np.where(inside, wt[:, 0, None, None], np.float32(1.0))[..., None].astype(np.float32)
+  lam = wt[:, 1, None]
+  return m * x + (1 - m) * x[p], lam * y + (1 - lam) * y[p]
+
+
+def mix_pairs(x_BxHxWxC: np.ndarray, y_B: np.ndarray, num_classes: int,
+              rngs: Sequence[np.random.Generator],
+              cfg: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Mixup / CutMix within pairs (0, 1), (2, 3), ...: one Generator per pair; soft labels out.
+
+  Pairing neighbours (rather than the whole batch with its reverse) keeps the result of an
+  example independent of how the global batch is split over hosts and devices, as long as
+  every slice has even length. With an odd batch the last example stays unmixed.
+  """
+  b, h, w = np.shape(x_BxHxWxC)[:3]
+  box, wt = mix_params(rngs, cfg, b, h, w)
+  return apply_mix(x_BxHxWxC, y_B, num_classes, box, wt)

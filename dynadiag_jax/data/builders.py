@@ -55,6 +55,14 @@ class _OfflineImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """All images (N, H, W) uint8 and labels (N,) int."""
     raise NotImplementedError
 
+  def _log_download_bytes(self):
+    """One line instead of tfds' 'Downloading and preparing dataset Unknown size ...'."""
+    print(f'Preparing {self.name} ({self.DESCRIPTION.split(":")[0]}, no download) into '
+          f'{self.data_dir}, once.', flush=True)
+
+  def _log_download_done(self):
+    """Silent: the line above said it."""
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
@@ -106,6 +114,16 @@ class Digits(_OfflineImages):
 OFFLINE = ('mnist5k', 'digits')
 
 
+class _NoEmptyVariantWarning(logging.Filter):
+  """Drops tfds' 'Variant folder ... has no dataset_info.json', logged for every first prepare."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith('Variant folder')
+
+
+logging.getLogger('absl').addFilter(_NoEmptyVariantWarning())
+
+
 def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """The builder of an offline data set, written as array_record into data_dir on first use."""
   if name not in OFFLINE:
@@ -113,11 +131,14 @@ def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
   if not builder.is_prepared():
     logging.info('Preparing %s into %s (once).', name, data_dir)
+    tfds.display_progress_bar(False)  # a second of work: no tfds bars
     try:
       builder.download_and_prepare(file_format='array_record')
     except Exception:  # another process may have finished the same folder first
       builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
       if not builder.is_prepared():
         raise
+    finally:
+      tfds.display_progress_bar(True)
     builder = tfds.builder(name, data_dir=data_dir)  # reload the info written to disk
   return builder

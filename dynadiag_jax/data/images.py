@@ -2,7 +2,10 @@
 
 'mnist5k' and 'digits' are prepared on first use from packages (see builders.py); 'mnist',
 'cifar10', 'cifar100' and 'imagenet2012' must already be prepared in data_dir as array_record
-(tfds decodes their PNG/JPEG bytes with PIL when TensorFlow is absent).
+(imagenet2012: `python -m dynadiag_jax.data.prepare`). Small sets are decoded once and held in
+memory; large ones (imagenet2012) are read as encoded bytes and decoded, cropped and resized per
+example (jpeg.py), in worker processes when the pipeline has them. Batches are uint8 (`raw`)
+or normalized float32.
 """
 
 import concurrent.futures
@@ -15,7 +18,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dynadiag_jax.data import augment as aug
-from dynadiag_jax.data import builders
+from dynadiag_jax.data import builders, jpeg
 from dynadiag_jax.data.errors import DataNotFoundError
 from dynadiag_jax.data.source import Source
 
@@ -56,10 +59,11 @@ def _prepare_help(name: str, data_dir: str) -> str:
   build = f'tfds build {name} --data_dir={data_dir} --file_format=array_record'
   pip = 'pip install tensorflow tensorflow-datasets==4.9.10 importlib_resources'  # tfds#11212
   if name == 'imagenet2012':
+    manual = os.path.join(data_dir, 'downloads', 'manual')
     return (f'ImageNet needs a manual download: register at https://image-net.org/download-images, '
-            f'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into '
-            f'{os.path.join(data_dir, "downloads", "manual")}/, then on a machine with TensorFlow '
-            f'({pip}) run: {build}')
+            f'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into {manual}/, then run '
+            f'(no TensorFlow needed): python -m dynadiag_jax.data.prepare imagenet2012 '
+            f'--manual_dir={manual} --data_dir={data_dir} (or, with TensorFlow: {build})')
   return (f'On a machine with internet access and TensorFlow ({pip}) run: {build} ; '
           f'then copy {os.path.join(data_dir, name)} to this machine (same path, or point '
           f'cfg.data_dir / DYNADIAG_DATA_DIR at it).')
@@ -84,26 +88,50 @@ def load_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
 
 
 class ImageSource(Source):
-  """Random access to one image data set: uint8 examples in, normalized float32 batches out."""
+  """Random access to one image data set: uint8 examples in, uint8 or normalized float32 batches out.
+
+  decoder: 'fast' reads encoded bytes and decodes + crops them in one pass (jpeg.example;
+  the default for sets not held in memory); 'pil' lets tfds decode with PIL and crops with
+  augment.train_transform (the original path, kept for comparison). threads: decoding threads
+  within this process for sets not held in memory (0: none).
+  """
 
   kind = 'image'
 
   def __init__(self, name: str, data_dir: str, image_size: int | None = None,
                augment: aug.AugmentConfig | None = None, cache: bool | None = None,
-               num_workers: int = 8):
+               num_workers: int = 8, decoder: str = 'fast'):
+    if decoder not in ('fast', 'pil'):
+      raise ValueError(f"decoder must be 'fast' or 'pil', got {decoder!r}")
     self.name, self.data_dir = name, data_dir
     self.info = INFO[name]
     self.builder = load_builder(name, data_dir)
     self.image_size = image_size or self.info.size
     self.augment = augment if augment is not None else self.info.augment  # training default
     self.cache = self.info.cache if cache is None else cache
+    self.decoder, self.threads = decoder, num_workers
     self.train_split, self.eval_split = 'train', self.info.eval_split
     self.mean = np.asarray(self.info.mean, np.float32) * 255.0
     self.std = np.asarray(self.info.std, np.float32) * 255.0
-    self._sources = {}
-    self._arrays = {}
-    self._lock = threading.Lock()
-    self._pool = None if self.cache else concurrent.futures.ThreadPoolExecutor(num_workers)
+    self._init_local()
+
+  def _init_local(self):
+    """What a process holds for itself: readers, decoded arrays, its thread pool."""
+    self._sources, self._arrays, self._lock = {}, {}, threading.Lock()
+    self._pool = None if self.cache or not self.threads else \
+        concurrent.futures.ThreadPoolExecutor(self.threads)
+
+  def __getstate__(self) -> dict:
+    """Picklable for worker processes: readers and pools are reopened there (no threads)."""
+    state = {k: v for k, v in self.__dict__.items()
+             if k not in ('_sources', '_arrays', '_lock', '_pool', 'builder')}
+    state['threads'] = 0
+    return state
+
+  def __setstate__(self, state: dict):
+    self.__dict__.update(state)
+    self.builder = load_builder(self.name, self.data_dir)
+    self._init_local()
 
   @property
   def num_classes(self) -> int:
@@ -114,15 +142,21 @@ class ImageSource(Source):
     """Shape of one output image (H, W, C)."""
     return (self.image_size, self.image_size, self.info.channels)
 
+  @property
+  def encoded(self) -> bool:
+    """Whether examples are read as encoded bytes and decoded per example (jpeg.py)."""
+    return not self.cache and self.decoder == 'fast'
+
   def num_examples(self, split: str) -> int:
     """Examples in one split."""
     return self.builder.info.splits[split].num_examples
 
   def data_source(self, split: str):
-    """The tfds random-access data source of one split (array_record)."""
+    """The tfds random-access data source of one split (array_record); bytes if `encoded`."""
     with self._lock:
       if split not in self._sources:
-        self._sources[split] = self.builder.as_data_source(split=split)
+        dec = {'image': tfds.decode.SkipDecoding()} if self.encoded else None
+        self._sources[split] = self.builder.as_data_source(split=split, decoders=dec)
       return self._sources[split]
 
   def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +164,7 @@ class ImageSource(Source):
     with self._lock:
       if split in self._arrays:
         return self._arrays[split]
-    ds = self.data_source(split)
+    ds = self.builder.as_data_source(split=split)
     exs = ds.__getitems__(list(range(len(ds))))
     out = (np.stack([e['image'] for e in exs]), np.asarray([e['label'] for e in exs], np.int32))
     with self._lock:
@@ -147,6 +181,8 @@ class ImageSource(Source):
   def transform(self, x_HxWxC: np.ndarray, rng: np.random.Generator | None,
                 augment: aug.AugmentConfig | None) -> np.ndarray:
     """One example to uint8 (S, S, C): augmented when rng and augment are given, else eval crop."""
+    if self.encoded:  # x is the encoded image
+      return jpeg.example(x_HxWxC, self.image_size, rng, augment, self.info.crop_frac)
     if rng is None or augment is None:
       return aug.center_crop_resize(x_HxWxC, self.image_size, self.info.crop_frac)
     return aug.train_transform(x_HxWxC, rng, augment, self.image_size, self.info.crop_frac)
@@ -157,22 +193,24 @@ class ImageSource(Source):
 
   def get_batch(self, split: str, idx: np.ndarray,
                 rngs: Sequence[np.random.Generator] | None = None,
-                augment: aug.AugmentConfig | None = None) -> dict[str, np.ndarray]:
-    """Examples idx of split: {'image': float32 (b, S, S, C), 'label': int32 (b,)}."""
+                augment: aug.AugmentConfig | None = None,
+                raw: bool = False) -> dict[str, np.ndarray]:
+    """Examples idx of split: {'image': (b, S, S, C), 'label': int32 (b,)}; uint8 if raw, else normalized."""
     def one(k):
       x, y = self._example(split, idx[k])
       return self.transform(x, None if rngs is None else rngs[k], augment), y
 
+    finish = (lambda x: x) if raw else self.normalize
     if self._pool is not None and len(idx) > 1:
       out = list(self._pool.map(one, range(len(idx))))
     elif self.cache and (rngs is None or augment is None) and self.info.crop_frac >= 1.0 \
         and self.image_size == self.info.size:
       x, y = self.arrays(split)  # fast path: no per-example work
-      return {'image': self.normalize(x[idx]), 'label': y[idx]}
+      return {'image': finish(x[idx]), 'label': y[idx]}
     else:
       out = [one(k) for k in range(len(idx))]
     x = np.stack([o[0] for o in out]) if out else np.zeros((0, *self.input_shape), np.uint8)
-    return {'image': self.normalize(x), 'label': np.asarray([o[1] for o in out], np.int32)}
+    return {'image': finish(x), 'label': np.asarray([o[1] for o in out], np.int32)}
 
   def close(self):
     """Stops the decoding threads (if any)."""
