@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -10,15 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax import gates, ops, pattern
+from dynadiag_jax.ops import KernelConfig
+from dynadiag_jax.pattern import Geometry
 
 COLLECTION = "dynadiag"
 DEFAULT_TEMPERATURE = 5.0
 _TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 
 
-def values_init(m: int, n: int, k: int) -> nn.initializers.Initializer:
+def values_init(m: int, n: int, k: int, block: int = 1) -> nn.initializers.Initializer:
   """Truncated normal whose gated kernel (all gates k / P) has nn.Dense's variance 1/m."""
-  std = (pattern.num_diagonals(m, n) / k) / np.sqrt(m) / _TRUNC_STD
+  std = (pattern.num_diagonals(m, n, block) / k) / np.sqrt(m) / _TRUNC_STD
 
   def init(key, shape, dtype=jnp.float32):
     return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
@@ -26,59 +29,115 @@ def values_init(m: int, n: int, k: int) -> nn.initializers.Initializer:
   return init
 
 
-class DiagDense(nn.Module):
-  """y = x @ W + b with W a sum of K selected wrapped diagonals (DESIGN.md sections 2-3).
+def effective_init(kernel_init: nn.initializers.Initializer, geo: Geometry,
+                   k: int) -> nn.initializers.Initializer:
+  """Values whose gated kernel (all gates k / P) is `kernel_init`'s (m, n) kernel on the diagonals.
 
-  Exploring: params `alpha` (P,), `values` (P, D), `bias` (n,); collection `dynadiag`
-  holds `temperature` (), `k` () and `active` (K_active,): the layer computes the
-  top-K_active diagonals of alpha, K_active being the static length of `active` (with
+  An initializer describes the effective kernel, as in `nn.Dense`: lecun_normal gives the
+  kernel entries the same variance here as there.
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    w_MxN = kernel_init(key, (geo.m, geo.n), jnp.float32)
+    rows = np.arange(shape[0])  # (P,) while exploring, every diagonal
+    v = pattern.gather_diagonals(w_MxN, rows, geo.m, geo.n, geo.block)
+    return (v * (geo.P / k)).astype(dtype)
+
+  return init
+
+
+class DiagDense(nn.Module):
+  """y = x @ W + b with W a sum of K selected wrapped (block-)diagonals (DESIGN.md 2, 3, 8).
+
+  Exploring: params `alpha` (P,), `values` (P, D) or (P, D, b, b), `bias` (n,); collection
+  `dynadiag` holds `temperature` (), `k` (), `in_features` () and `active` (K_active,): the layer computes
+  the top-K_active diagonals of alpha, K_active being the static length of `active` (with
   all P active, W is dense and the layer runs one GEMM whatever the backend).
-  Frozen (after `dynadiag_jax.freeze`): params `values` (K, D), `bias`; `dynadiag` holds
-  `offsets` (K,) only.
+  Frozen (after `dynadiag_jax.freeze`): params `values` (K, D[, b, b]), `bias`; `dynadiag`
+  holds `offsets` (K,) and `in_features` ().
+  `block` b selects b x b block-diagonals (b must divide both sides; 1 is the paper's
+  method; with `fit_block` the layer takes the largest valid b up to `block`); `kernel_init` describes the effective kernel (None: truncated normal of
+  `nn.Dense`'s variance); `gate` is the soft top-k of `dynadiag_jax.gates`.
   """
   features: int
   sparsity: float = 0.9
+  block: int = 1
+  fit_block: bool = False
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  backend: str = "auto"
+  precision: Any = None
+  kernel_init: nn.initializers.Initializer | None = None
   bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+  alpha_init: nn.initializers.Initializer | None = None
+  backend: str = "auto"
+  kernel_config: KernelConfig = KernelConfig()
+  gate: str = "soft_topk"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     m, n = int(x.shape[-1]), int(self.features)
-    p, d = pattern.num_diagonals(m, n), pattern.diag_length(m, n)
-    k = pattern.num_kept(m, n, self.sparsity)
-    ops.resolve_backend(self.backend)
+    if self.has_variable(COLLECTION, "in_features"):
+      self._check_frozen_width(m)
+    geo = Geometry(m, n, self.block_for(m))
+    k = pattern.num_kept(m, n, self.sparsity, geo.block)
+    ops.check_backend_name(self.backend)
+    gate = gates.by_name(self.gate)
+    cfg = self.kernel_config
+    if self.precision is not None:
+      cfg = dataclasses.replace(cfg, precision=self.precision)
 
     if self.has_variable(COLLECTION, "offsets"):  # frozen: a static K-diagonal layer
       o_K = self.get_variable(COLLECTION, "offsets")
-      v_KxD = self.param("values", values_init(m, n, k), (o_K.shape[0], d), self.param_dtype)
+      v = self.param("values", self._values_init(geo, k), geo.values_shape(o_K.shape[0]),
+                     self.param_dtype)
     else:
-      alpha_P = self.param("alpha", nn.initializers.constant(1.0 / p), (p,), self.param_dtype)
-      values_PxD = self.param("values", values_init(m, n, k), (p, d), self.param_dtype)
+      p = geo.P
+      alpha_init = self.alpha_init or nn.initializers.constant(1.0 / p)
+      alpha_P = self.param("alpha", alpha_init, (p,), self.param_dtype)
+      values = self.param("values", self._values_init(geo, k), geo.values_shape(p),
+                          self.param_dtype)
       t = self.variable(COLLECTION, "temperature", lambda: jnp.asarray(DEFAULT_TEMPERATURE, jnp.float32))
       self.variable(COLLECTION, "k", lambda: jnp.asarray(k, jnp.int32))
+      self.variable(COLLECTION, "in_features", lambda: jnp.asarray(m, jnp.int32))
       active = self.variable(COLLECTION, "active", lambda: jnp.arange(p, dtype=jnp.int32))
       k_active = active.value.shape[0]
       if not k <= k_active <= p:
         raise ValueError(f"{k_active} active diagonals; must lie in [K, P] = [{k}, {p}]")
-      g_P = gates.soft_topk(alpha_P, k, t.value)
+      g_P = gate(alpha_P, k, t.value)
+      g_P = g_P.reshape((p,) + (1,) * (values.ndim - 1))
       if k_active == p:  # every diagonal: W is dense, one GEMM whatever the backend
         bias = self._bias(n)
-        x, v_PxD, bias = nn.dtypes.promote_dtype(x, g_P[:, None] * values_PxD, bias,
-                                                 dtype=self.dtype)
-        y = x @ pattern.densify_all(v_PxD, m, n)
+        x, v_all, bias = nn.dtypes.promote_dtype(x, g_P * values, bias, dtype=self.dtype)
+        y = jnp.matmul(x, pattern.densify_all(v_all, m, n, geo.block), precision=self.precision)
         return y if bias is None else y + bias
       o_K = gates.topk_indices(jax.lax.stop_gradient(alpha_P), k_active)
       if self.is_mutable_collection(COLLECTION) and not self.is_initializing():
         active.value = o_K
-      v_KxD = g_P[o_K, None] * values_PxD[o_K]
+      v = g_P[o_K] * values[o_K]
 
     bias = self._bias(n)
-    x, v_KxD, bias = nn.dtypes.promote_dtype(x, v_KxD, bias, dtype=self.dtype)
-    y = ops.diag_matmul(x, v_KxD, o_K, m, n, backend=self.backend)
+    x, v, bias = nn.dtypes.promote_dtype(x, v, bias, dtype=self.dtype)
+    y = ops.diag_matmul(x, v, o_K, m, n, backend=self.backend, kernel=cfg)
     return y if bias is None else y + bias
+
+  def block_for(self, m: int) -> int:
+    """The block size this layer uses for `m` input features."""
+    n = int(self.features)
+    if self.fit_block:
+      return pattern.largest_block(m, n, self.block)
+    return pattern.check_block(m, n, self.block, self.name or "")
+
+  def _values_init(self, geo: Geometry, k: int) -> nn.initializers.Initializer:
+    if self.kernel_init is None:
+      return values_init(geo.m, geo.n, k, geo.block)
+    return effective_init(self.kernel_init, geo, k)
+
+  def _check_frozen_width(self, m: int) -> None:
+    want = self.get_variable(COLLECTION, "in_features")
+    if pattern.is_concrete(want) and int(np.asarray(want).reshape(-1)[0]) != m:
+      raise ValueError(f"DiagDense {self.name!r} was frozen for {int(np.asarray(want).reshape(-1)[0])} "
+                       f"input features, got x with {m} on its last axis")
 
   def _bias(self, n: int) -> jax.Array | None:
     return self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dynadiag_jax.diag_dense import DiagDense
+from dynadiag_jax.ops import KernelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,12 +18,16 @@ class LayerFactory:
 
   `sparsity` maps module names to a sparsity; names absent from it are `nn.Dense`.
   Models name linear layers by role ('mlp_in', 'attn_out', 'head', ...) so that one
-  name covers the same-shaped layer of every block.
+  name covers the same-shaped layer of every block. `block` is an upper bound: each
+  DiagDense takes the largest block size up to it that divides its kernel.
   """
   sparsity: tuple[tuple[str, float], ...] = ()
   backend: str = "auto"
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  block: int = 1
+  kernel_config: KernelConfig = KernelConfig()
+  gate: str = "soft_topk"
 
   @classmethod
   def from_dict(cls, sparsity: Mapping[str, float], **kw) -> "LayerFactory":
@@ -39,5 +44,7 @@ class LayerFactory:
       kw = {} if kernel_init is None else {"kernel_init": kernel_init}
       return nn.Dense(features, use_bias=use_bias, dtype=self.dtype,
                       param_dtype=self.param_dtype, name=name, **kw)
-    return DiagDense(features, sparsity=s, use_bias=use_bias, dtype=self.dtype,
-                     param_dtype=self.param_dtype, backend=self.backend, name=name)
+    return DiagDense(features, sparsity=s, block=self.block, fit_block=True, use_bias=use_bias,
+                     dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
+                     backend=self.backend, kernel_config=self.kernel_config, gate=self.gate,
+                     name=name)

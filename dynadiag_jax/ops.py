@@ -1,33 +1,56 @@
-"""`diag_matmul`: x @ W for a K-diagonal W, one custom_vjp over switchable backends."""
+"""`diag_matmul`: x @ W for a K-(block-)diagonal W, one custom_vjp over switchable backends."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax import pattern
+from dynadiag_jax.pattern import Geometry
 
 
-def _offsets(o_K, m, n):
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Backend settings, a hashable value passed down as a static argument.
+
+  bcsr_block: BCSR block of the pallas backend for block-1 patterns (power of two >= 16);
+  batch_tile: rows per pallas program (None: automatic); cluster: reorder rows / columns
+  of exact pallas layouts (paper Appendix D); interpret: pallas interpret mode (None: by
+  platform); precision: `jax.lax.Precision` of the products (as `nn.Dense`'s).
+  """
+  bcsr_block: int = 16
+  batch_tile: int | None = None
+  cluster: bool = False
+  interpret: bool | None = None
+  precision: Any = None
+
+  def __post_init__(self):
+    for name in ("bcsr_block", "batch_tile"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, (int, np.integer)) or v < 16 or v & (v - 1)):
+        raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v!r}")
+
+
+def _offsets(o_K, geo, cfg):
   return o_K
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """The three products a backend supplies; m, n are static ints, o_K int32 (maybe traced).
+  """The three products a backend supplies; geo, cfg static, o_K int32 (numpy or traced).
 
-  prepare(o_K, m, n) -> pat                    the pattern in the backend's own form
-                                                (e.g. BCSR), built once per call and
-                                                shared by the forward and the backward
-  fwd(x_BxM, v_KxD, pat, m, n) -> y_BxN        y = x @ W
-  dx(dy_BxN, v_KxD, pat, m, n) -> dx_BxM      dx = dy @ W.T (a diagonal pattern again)
-  dv(x_BxM, dy_BxN, pat, m, n) -> dv_KxD      dv[k, t] = sum_b x[b, row] * dy[b, col]
+  prepare(o_K, geo, cfg) -> pat              the pattern in the backend's own form (e.g.
+                                              BCSR), built once per call and shared by the
+                                              forward and the backward
+  fwd(x_BxM, v, pat, geo, cfg) -> y_BxN      y = x @ W; v is (K, D) or (K, D, b, b)
+  dx(dy_BxN, v, pat, geo, cfg) -> dx_BxM     dx = dy @ W.T (a diagonal pattern again)
+  dv(x_BxM, dy_BxN, pat, geo, cfg) -> dv     shaped like v: dv[k, t] = x_rows.T @ dy_cols
   """
   name: str
   fwd: Callable
@@ -38,8 +61,8 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 # Backends whose module registers them on import, loaded only when first asked for.
-_LAZY = {"pallas": "pallas_kernels.diag"}
-NAMES = ("auto", "dense", "pallas")
+_LAZY = {"pallas": "pallas_kernels.diag", "xla": "dynadiag_jax.backends.xla"}
+NAMES = ("auto", "dense", "xla", "pallas")
 
 
 def register_backend(backend: Backend) -> None:
@@ -47,31 +70,52 @@ def register_backend(backend: Backend) -> None:
   _BACKENDS[backend.name] = backend
 
 
-def resolve_backend(name: str) -> Backend:
-  """The Backend for `name`; 'auto' is pallas on GPU, dense elsewhere."""
+def auto_rule(geo: Geometry | None, rows: int | None, k: int | None, platform: str) -> str:
+  """The backend 'auto' picks for this platform, geometry, row count and K."""
+  return "pallas" if platform == "gpu" else "dense"
+
+
+def resolve_backend(name: str, geo: Geometry | None = None, rows: int | None = None,
+                    k: int | None = None) -> Backend:
+  """The Backend for `name`; 'auto' asks `auto_rule` (per platform, geometry, rows, K)."""
   if name == "auto":
-    name = "pallas" if jax.default_backend() == "gpu" else "dense"
+    name = auto_rule(geo, rows, k, jax.default_backend())
   if name not in _BACKENDS and name in _LAZY:
-    importlib.import_module(_LAZY[name])
+    try:
+      importlib.import_module(_LAZY[name])
+    except ModuleNotFoundError as e:  # a backend module not written yet
+      raise ValueError(f"diag_matmul backend {name!r} is not available: {e}") from e
   if name not in _BACKENDS:
     raise ValueError(f"unknown diag_matmul backend {name!r}; choose one of "
                      f"{sorted(set(NAMES) | set(_BACKENDS))}")
   return _BACKENDS[name]
 
 
-# -- dense backend: the correctness reference, and the fastest path on CPU. --------------
-
-def _dense_fwd(x_BxM, v_KxD, o_K, m, n):
-  return x_BxM @ pattern.densify(v_KxD, o_K, m, n)
-
-
-def _dense_dx(dy_BxN, v_KxD, o_K, m, n):
-  return dy_BxN @ pattern.densify(v_KxD, o_K, m, n).T
+def check_backend_name(name: str) -> str:
+  """`name` if it names a backend (or 'auto'), else ValueError listing the choices."""
+  if name != "auto":
+    resolve_backend(name)
+  return name
 
 
-def _dense_dv(x_BxM, dy_BxN, o_K, m, n):
-  dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, preferred_element_type=jnp.float32)
-  return pattern.gather_diagonals(dw_MxN, o_K, m, n)
+# -- dense backend: the correctness reference, any block size. ------------------------------
+
+def _dense_w(v, o_K, geo):
+  return pattern.densify(v, o_K, geo.m, geo.n, geo.block)
+
+
+def _dense_fwd(x_BxM, v, o_K, geo, cfg):
+  return jnp.matmul(x_BxM, _dense_w(v, o_K, geo), precision=cfg.precision)
+
+
+def _dense_dx(dy_BxN, v, o_K, geo, cfg):
+  return jnp.matmul(dy_BxN, _dense_w(v, o_K, geo).T, precision=cfg.precision)
+
+
+def _dense_dv(x_BxM, dy_BxN, o_K, geo, cfg):
+  dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, precision=cfg.precision,
+                      preferred_element_type=jnp.float32)
+  return pattern.gather_diagonals(dw_MxN, o_K, geo.m, geo.n, geo.block)
 
 
 register_backend(Backend("dense", _dense_fwd, _dense_dx, _dense_dv))
@@ -83,8 +127,8 @@ class StaticOffsets:
   """Concrete offsets carried as a static argument, so backends see them as numpy.
 
   A frozen pattern closed over by a jitted function (not passed in as an argument) thus
-  reaches `Backend.prepare` as numpy, and the pallas backend can build its exact host
-  BCSR layout at trace time instead of the bounded jittable one.
+  reaches `Backend.prepare` as numpy: backends specialise on it (the pallas backend builds
+  its exact host layout, the xla backend turns every index into a constant).
   """
 
   def __init__(self, o_K):
@@ -98,47 +142,53 @@ class StaticOffsets:
     return isinstance(other, StaticOffsets) and self._key == other._key
 
 
-def _prepared(be: Backend, o_K, static: StaticOffsets | None, m: int, n: int):
-  return be.prepare(o_K if static is None else static.o_K, m, n)
+def _prepared(be: Backend, o_K, static: StaticOffsets | None, geo, cfg):
+  return be.prepare(o_K if static is None else static.o_K, geo, cfg)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _diag_matmul(x_BxM, v_KxD, o_K, m, n, backend, static):
+def _diag_matmul(x_BxM, v, o_K, geo, backend, cfg, static):
   be = resolve_backend(backend)
-  return be.fwd(x_BxM, v_KxD, _prepared(be, o_K, static, m, n), m, n)
+  return be.fwd(x_BxM, v, _prepared(be, o_K, static, geo, cfg), geo, cfg)
 
 
-def _fwd(x_BxM, v_KxD, o_K, m, n, backend, static):
+def _fwd(x_BxM, v, o_K, geo, backend, cfg, static):
   be = resolve_backend(backend)
-  pat = _prepared(be, o_K, static, m, n)
-  return be.fwd(x_BxM, v_KxD, pat, m, n), (x_BxM, v_KxD, pat)
+  pat = _prepared(be, o_K, static, geo, cfg)
+  return be.fwd(x_BxM, v, pat, geo, cfg), (x_BxM, v, pat)
 
 
-def _bwd(m, n, backend, static, res, dy_BxN):
-  x_BxM, v_KxD, pat = res
+def _bwd(geo, backend, cfg, static, res, dy_BxN):
+  x_BxM, v, pat = res
   be = resolve_backend(backend)
-  dx_BxM = be.dx(dy_BxN, v_KxD, pat, m, n).astype(x_BxM.dtype)
-  dv_KxD = be.dv(x_BxM, dy_BxN, pat, m, n).astype(v_KxD.dtype)
-  return dx_BxM, dv_KxD, None
+  dx_BxM = be.dx(dy_BxN, v, pat, geo, cfg).astype(x_BxM.dtype)
+  dv = be.dv(x_BxM, dy_BxN, pat, geo, cfg).astype(v.dtype)
+  return dx_BxM, dv, None
 
 
 _diag_matmul.defvjp(_fwd, _bwd)
 
 
-def diag_matmul(x, values, offsets, m: int, n: int, backend: str = "auto") -> jax.Array:
-  """y_...xN = x_...xM @ W, W the (m, n) kernel with values_KxD on diagonals offsets_K.
+def diag_matmul(x, values, offsets, m: int, n: int, backend: str = "auto",
+                kernel: KernelConfig | None = None) -> jax.Array:
+  """y_...xN = x_...xM @ W, W the (m, n) kernel with `values` on the diagonals `offsets`.
 
-  Traced offsets (exploration, or offsets passed into jit) reach the backend traced;
-  concrete ones (eager, or closed over by jit) reach it as numpy, see `StaticOffsets`.
+  values is (K, D) for single diagonals or (K, D, b, b) for b x b block-diagonals (the
+  block size is read off its shape). Traced offsets (exploration, or offsets passed into
+  jit) reach the backend traced; concrete ones (eager, or closed over by jit) reach it as
+  numpy, see `StaticOffsets`.
   """
-  pattern.check_values(values, offsets, m, n)
-  be = resolve_backend(backend)  # fail early on an unknown name
+  geo = Geometry(m, n, pattern.block_of(values))
+  pattern.check_values(values, offsets, m, n, geo.block)
+  cfg = KernelConfig() if kernel is None else kernel
   if x.shape[-1] != m:
     raise ValueError(f"x has {x.shape[-1]} features on its last axis, the kernel needs {m}")
   lead = x.shape[:-1]
-  if isinstance(offsets, jax.core.Tracer):
-    o_K, static = jnp.asarray(offsets, jnp.int32), None
-  else:
+  rows = int(np.prod(lead, dtype=np.int64))
+  be = resolve_backend(backend, geo, rows, int(jnp.shape(offsets)[0]))
+  if pattern.is_concrete(offsets):
     o_K, static = jnp.zeros((0,), jnp.int32), StaticOffsets(offsets)
-  y_BxN = _diag_matmul(x.reshape(-1, m), values, o_K, m, n, be.name, static)
+  else:
+    o_K, static = jnp.asarray(offsets, jnp.int32), None
+  y_BxN = _diag_matmul(x.reshape(-1, m), values, o_K, geo, be.name, cfg, static)
   return y_BxN.reshape(*lead, n)

@@ -82,14 +82,15 @@ def set_k_active(variables: Mapping[str, Any], level: float,
   return out
 
 
-def _layer_choice(params: Mapping, col: Mapping) -> tuple[np.ndarray, jax.Array, int]:
+def _layer_choice(params: Mapping, col: Mapping,
+                  gate: str) -> tuple[np.ndarray, jax.Array, int]:
   """(kept offsets_K, gates g_P, P) of one exploring layer."""
   alpha = jnp.asarray(params["alpha"])
   if alpha.ndim != 1:
     raise ValueError("freeze takes un-replicated variables (alpha of shape (P,)), got "
                      f"alpha of shape {alpha.shape}; unreplicate pmapped state first")
   k = int(col["k"])
-  g = gates.soft_topk(alpha.astype(jnp.float32), k, col["temperature"])
+  g = gates.by_name(gate)(alpha.astype(jnp.float32), k, col["temperature"])
   return np.asarray(gates.topk_indices(alpha, k)), g, alpha.shape[0]
 
 
@@ -105,11 +106,14 @@ def _map_state(node, fn, path: Path = ()):
   return node
 
 
-def freeze(variables: Mapping[str, Any], opt_state: Any = None) -> tuple[dict, Any]:
+def freeze(variables: Mapping[str, Any], opt_state: Any = None,
+           gate: str = "soft_topk") -> tuple[dict, Any]:
   """(variables, opt_state) after the freeze transition (DESIGN.md section 3).
 
   Every exploring DiagDense keeps the top-K diagonals of alpha, folds their gates into
-  `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`.
+  `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`
+  and `in_features`.
+  `gate` names the layers' gate (DiagDense.gate), whose values are folded.
   Optimizer-state entries shaped like a layer's params (Adam moments, ...) are gathered
   the same way. Takes un-replicated variables; runs on the host, outside jit.
   """
@@ -117,14 +121,16 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None) -> tuple[dict, A
   choice: dict[Path, tuple[np.ndarray, int]] = {}
   for path in exploring_layers(out):
     layer = _get(out["params"], path)
-    idx, g_P, p = _layer_choice(layer, _get(out[COLLECTION], path))
+    idx, g_P, p = _layer_choice(layer, _get(out[COLLECTION], path), gate)
     choice[path] = (idx, p)
     v = layer["values"]
-    folded = (g_P[idx, None] * jnp.asarray(v, jnp.float32)[idx]).astype(v.dtype)
+    g_K = g_P[idx].reshape((len(idx),) + (1,) * (v.ndim - 1))
+    folded = (g_K * jnp.asarray(v, jnp.float32)[idx]).astype(v.dtype)
     out = _replace_at(out, ("params",) + path, lambda d: {
         **{k: x for k, x in d.items() if k not in ("alpha", "values")}, "values": folded})
-    out = _replace_at(out, (COLLECTION,) + path,
-                      lambda d: {"offsets": jnp.asarray(idx, jnp.int32)})
+    out = _replace_at(out, (COLLECTION,) + path, lambda d: {
+        "offsets": jnp.asarray(idx, jnp.int32),
+        **({"in_features": d["in_features"]} if "in_features" in d else {})})
 
   def gather(path: Path, node: dict) -> dict:
     hits = [lp for lp in choice if path[len(path) - len(lp):] == lp and len(lp) <= len(path)]

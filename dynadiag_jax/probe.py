@@ -26,19 +26,21 @@ class LinearCall:
   k: int  # kept diagonals (P for nn.Dense)
   k_active: int  # diagonals computed now (K after freezing; P for nn.Dense)
   frozen: bool
+  block: int = 1  # block size b of a DiagDense (1 for nn.Dense)
+  requested: float = 0.0  # the sparsity asked of a DiagDense (0 for nn.Dense)
 
   @property
   def p(self) -> int:
-    return pattern.num_diagonals(self.m, self.n)
+    return pattern.num_diagonals(self.m, self.n, self.block)
 
   @property
   def d(self) -> int:
-    return pattern.diag_length(self.m, self.n)
+    return pattern.diag_length(self.m, self.n, self.block)
 
   @property
   def nonzeros(self) -> int:
-    """Non-zeros of the effective kernel."""
-    return self.k * self.d if self.sparse else self.m * self.n
+    """Weights the effective kernel can hold: K x D x b x b (m x n for nn.Dense)."""
+    return self.k * self.d * self.block ** 2 if self.sparse else self.m * self.n
 
 
 def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
@@ -53,14 +55,16 @@ def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
       m, n = int(x.shape[-1]), int(mod.features)
       rows = math.prod(x.shape[:-1])
       if isinstance(mod, DiagDense):
+        b = mod.block_for(m)
         frozen = mod.has_variable(COLLECTION, "offsets")
         if frozen:
           k = ka = int(mod.get_variable(COLLECTION, "offsets").shape[-1])
         else:
-          k = pattern.num_kept(m, n, mod.sparsity)
+          k = pattern.num_kept(m, n, mod.sparsity, b)
           ka = (int(mod.get_variable(COLLECTION, "active").shape[-1])
-                if mod.has_variable(COLLECTION, "active") else pattern.num_diagonals(m, n))
-        call = LinearCall(mod.path, mod.name, True, m, n, rows, mod.use_bias, k, ka, frozen)
+                if mod.has_variable(COLLECTION, "active") else pattern.num_diagonals(m, n, b))
+        call = LinearCall(mod.path, mod.name, True, m, n, rows, mod.use_bias, k, ka, frozen, b,
+                          float(mod.sparsity))
       else:
         p = pattern.num_diagonals(m, n)
         call = LinearCall(mod.path, mod.name, False, m, n, rows, mod.use_bias, p, p, False)

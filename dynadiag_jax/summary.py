@@ -1,4 +1,4 @@
-"""Per-layer table of shapes, kept diagonals and stored against dense parameters."""
+"""Per-layer table and totals: kernel weights held against dense, biases and all parameters apart."""
 
 from __future__ import annotations
 
@@ -11,55 +11,70 @@ import jax
 from dynadiag_jax.probe import LinearCall, linear_calls
 
 
-def _params_under(params: Any, path: tuple[str, ...]) -> int:
-  node = params
-  for key in path:
-    node = node[key]
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(node))
+def _size(tree: Any) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
 def totals(model: nn.Module, variables: Any, *inputs, **kwargs) -> dict[str, Any]:
-  """Counts over the whole model: rows per linear layer and stored vs dense parameters.
+  """Counts over the whole model, each density labelled by what it is over.
 
-  `stored_params` counts the non-zeros of each DiagDense kernel (K x D) and every other
-  parameter as is; `dense_params` counts the same model with every kernel dense.
-  `sparsity` is the share of zeros over the DiagDense kernels.
+  Kernel weights are counted from each layer's pattern (K x D x b x b for a DiagDense,
+  m x n for nn.Dense). `sparsity`: share of zeros over the DiagDense kernels;
+  `kernel_sparsity`: over every linear kernel; `param_density`: stored over dense
+  parameters, all parameters (kernels, biases, norms, embeddings) counted.
   """
   calls = linear_calls(model, variables, *inputs, **kwargs)
-  params = variables["params"]
-  total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-  linear_held = sum(_params_under(params, c.path) for c in calls)
-  bias = sum(c.n for c in calls if c.use_bias)
-  other = total - linear_held
+  total = _size(variables["params"])
+  linear = sum(_size(_at(variables["params"], c.path)) for c in calls)
+  other = total - linear  # norms, embeddings, ... (not linear layers)
+  biases = sum(c.n for c in calls if c.use_bias)
   sparse = [c for c in calls if c.sparse]
-  sparse_dense = sum(c.m * c.n for c in sparse)
+  held = sum(c.nonzeros for c in calls)
+  dense = sum(c.m * c.n for c in calls)
+  s_held, s_dense = sum(c.nonzeros for c in sparse), sum(c.m * c.n for c in sparse)
+  stored, full = other + biases + held, other + biases + dense
   return dict(
       layers=calls,
-      stored_params=other + bias + sum(c.nonzeros for c in calls),
-      dense_params=other + bias + sum(c.m * c.n for c in calls),
-      sparsity=(1.0 - sum(c.nonzeros for c in sparse) / sparse_dense) if sparse else 0.0,
+      kernel_weights=held, dense_kernel_weights=dense, biases=biases, other_params=other,
+      stored_params=stored, dense_params=full,
+      sparsity=(1.0 - s_held / s_dense) if sparse else 0.0,
+      kernel_sparsity=(1.0 - held / dense) if dense else 0.0,
+      param_density=stored / full if full else 1.0,
   )
 
 
+def _at(tree: Any, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def _row(c: LinearCall) -> list[str]:
-  b = c.n if c.use_bias else 0
   kind = ("diag, frozen" if c.frozen else "diag") if c.sparse else "dense"
   k = f"{c.k}" + (f" ({c.k_active} active)" if c.sparse and c.k_active != c.k else "")
-  return ["/".join(c.path), kind, f"{c.m}x{c.n}", str(c.p), k if c.sparse else "-",
-          f"{c.nonzeros / (c.m * c.n):.3f}", f"{c.nonzeros + b:,}", f"{c.m * c.n + b:,}"]
+  got = 1.0 - c.nonzeros / (c.m * c.n)
+  return ["/".join(c.path), kind, f"{c.m}x{c.n}", str(c.block) if c.sparse else "-",
+          str(c.p) if c.sparse else "-", k if c.sparse else "-",
+          f"{c.requested:.3f}" if c.sparse else "-", f"{got:.4f}", f"{c.nonzeros:,}",
+          f"{c.m * c.n:,}", f"{c.n if c.use_bias else 0:,}"]
 
 
 def summarize(model: nn.Module, variables: Any, *inputs, **kwargs) -> str:
-  """A table per linear layer: shape, P, K, density, stored vs dense parameters."""
+  """A table per linear layer (shape, block, P, K, sparsity asked and got, weights) and totals."""
   t = totals(model, variables, *inputs, **kwargs)
-  head = ["layer", "kind", "m x n", "P", "K", "density", "stored", "dense"]
+  head = ["layer", "kind", "m x n", "b", "P", "K", "sparsity asked", "sparsity got",
+          "kernel weights", "dense kernel", "bias"]
   rows = [head] + [_row(c) for c in t["layers"]]
-  rows.append(["total (all params)", "", "", "", "", f"{1 - t['sparsity']:.3f}",
-               f"{t['stored_params']:,}", f"{t['dense_params']:,}"])
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w)
                             for i, (v, w) in enumerate(zip(r, widths)))
   rule = "-" * len(fmt(head))
-  lines = [fmt(head), rule] + [fmt(r) for r in rows[1:-1]] + [rule, fmt(rows[-1])]
-  lines.append(f"sparsity of the DiagDense kernels: {t['sparsity']:.4f}")
+  lines = [fmt(head), rule] + [fmt(r) for r in rows[1:]] + [rule]
+  lines += [
+      f"DiagDense kernels: sparsity {t['sparsity']:.4f}",
+      f"all linear kernels: {t['kernel_weights']:,} of {t['dense_kernel_weights']:,} weights "
+      f"(sparsity {t['kernel_sparsity']:.4f})",
+      f"all parameters: {t['stored_params']:,} of {t['dense_params']:,} (density "
+      f"{t['param_density']:.4f}; biases {t['biases']:,}, other {t['other_params']:,})",
+  ]
   return "\n".join(lines)

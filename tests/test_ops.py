@@ -71,7 +71,7 @@ def _spy_backend(seen: list) -> str:
 
   dense = ops.resolve_backend("dense")
 
-  def prepare(o_K, m, n):
+  def prepare(o_K, geo, cfg):
     seen.append(isinstance(o_K, jax.core.Tracer))
     return o_K
 

@@ -16,9 +16,9 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 
 
 @functools.partial(jax.jit, static_argnames=("m", "n", "backend"))
-def _products(x, v, o, dy, *, m, n, backend):
+def _products(x, v, o, dy, *, m, n, backend, kernel=None):
   """(y, dx, dv) through diag_matmul's custom_vjp; offsets traced (jittable layout)."""
-  y, vjp = jax.vjp(lambda x, v: ops.diag_matmul(x, v, o, m, n, backend), x, v)
+  y, vjp = jax.vjp(lambda x, v: ops.diag_matmul(x, v, o, m, n, backend, kernel), x, v)
   return (y, *vjp(dy))
 
 
@@ -73,10 +73,10 @@ def test_host_layout_path_eager(cluster):
   rng = np.random.default_rng(seed)
   m, n, k = 72, 40, 9
   x, v, o, dy = _inputs(rng, m, n, k, 6, F32)
-  with diag.options(cluster=cluster):
-    assert diag.layout_for(o, m, n).clustered == cluster
-    y, vjp = jax.vjp(lambda x, v: ops.diag_matmul(x, v, o, m, n, "pallas"), x, v)
-    got = (y, *vjp(dy))
+  cfg = ops.KernelConfig(cluster=cluster)
+  assert diag.layout_for(o, m, n, cfg).clustered == cluster
+  y, vjp = jax.vjp(lambda x, v: ops.diag_matmul(x, v, o, m, n, "pallas", kernel=cfg), x, v)
+  got = (y, *vjp(dy))
   _check_all(got, x, v, o, dy, m, n, F32, seed)
 
 
@@ -85,9 +85,9 @@ def test_block_32_and_several_batch_tiles():
   rng = np.random.default_rng(seed)
   m, n = 70, 45
   x, v, o, dy = _inputs(rng, m, n, pattern.num_kept(m, n, 0.7), 40, F32)
-  with diag.options(block=32, batch_tile=16):  # 3 batch tiles, 3 x 2 blocks of 32
-    got = jax.jit(lambda *a: _products.__wrapped__(*a, m=m, n=n, backend="pallas"))(
-        x, v, jnp.asarray(o), dy)
+  cfg = ops.KernelConfig(bcsr_block=32, batch_tile=16)  # 3 batch tiles, 3 x 2 blocks of 32
+  got = jax.jit(lambda *a: _products.__wrapped__(*a, m=m, n=n, backend="pallas", kernel=cfg))(
+      x, v, jnp.asarray(o), dy)
   _check_all(got, x, v, o, dy, m, n, F32, seed)
 
 
@@ -132,5 +132,7 @@ def test_bad_inputs_raise():
   with pytest.raises(ValueError, match="batch tile must be a power of two"):
     spmm.spmm(jnp.zeros((4, 32)), data, lay, batch_tile=24)
   with pytest.raises(ValueError, match="power of two"):
-    diag.set_config(block=24)
-  assert diag.get_config().block == 16
+    ops.KernelConfig(bcsr_block=24)
+  with pytest.raises(ValueError, match="takes block-1 patterns"):
+    ops.diag_matmul(jnp.zeros((2, 32)), jnp.zeros((1, 1, 16, 16)), np.array([0]), 32, 16,
+                    "pallas")

@@ -27,8 +27,9 @@ def _args(m, n, k, dtype, rows=8):
   return x, v, o
 
 
-def _loss(m, n):
-  return lambda x, v, o: jnp.sum(ops.diag_matmul(x, v, o, m, n, "pallas").astype(jnp.float32) ** 2)
+def _loss(m, n, cfg=None):
+  return lambda x, v, o: jnp.sum(
+      ops.diag_matmul(x, v, o, m, n, "pallas", kernel=cfg).astype(jnp.float32) ** 2)
 
 
 @pytest.mark.parametrize("m,n,dtype", [(48, 32, jnp.float32), (32, 80, jnp.bfloat16),
@@ -46,8 +47,8 @@ def test_grad_lowers_to_triton_with_static_offsets():
   """Offsets closed over as constants take the host layout; still Triton everywhere."""
   x, v, o = _args(72, 40, 9, jnp.float32)
   for cluster in (False, True):
-    with diag.options(cluster=cluster):
-      txt = _lower_cuda(jax.grad(lambda x, v: _loss(72, 40)(x, v, o), argnums=(0, 1)), x, v)
+    cfg = ops.KernelConfig(cluster=cluster)
+    txt = _lower_cuda(jax.grad(lambda x, v: _loss(72, 40, cfg)(x, v, o), argnums=(0, 1)), x, v)
     assert set(_TRITON.findall(txt)) == KERNELS
 
 
@@ -62,8 +63,8 @@ def test_cpu_lowering_is_interpreted():
 def test_bad_block_fails_before_lowering(block):
   x, v, o = _args(48, 32, 5, jnp.float32)
   with pytest.raises(ValueError, match="power of two >= 16"):
-    with diag.options(block=block):
-      _lower_cuda(jax.grad(_loss(48, 32), argnums=(0, 1)), x, v, o)
+    _lower_cuda(jax.grad(_loss(48, 32, ops.KernelConfig(bcsr_block=block)), argnums=(0, 1)),
+                x, v, o)
 
 
 def test_triton_lowering_itself_rejects_a_24_block():

@@ -75,15 +75,17 @@ def test_pmap_data_parallel_grad():
 
 class _MLP(nn.Module):
   backend: str
+  kernel: ops.KernelConfig = ops.KernelConfig()
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(DiagDense(16, sparsity=0.5, backend=self.backend)(x))
-    return DiagDense(8, sparsity=0.5, backend=self.backend)(x)
+    kw = dict(sparsity=0.5, backend=self.backend, kernel_config=self.kernel)
+    x = nn.relu(DiagDense(16, **kw)(x))
+    return DiagDense(8, **kw)(x)
 
 
-def _train(backend, x, y, variables, steps=5):
-  model = _MLP(backend)
+def _train(backend, x, y, variables, steps=5, kernel=ops.KernelConfig()):
+  model = _MLP(backend, kernel)
   params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
   opt = optax.adam(1e-2)
 
@@ -122,13 +124,13 @@ def test_diag_dense_trains_like_dense_backend():
   assert any("offsets" in p for p in paths) and not any("alpha" in p for p in paths)
   for cluster in (False, True):
     calls = sum(diag._host_layout.cache_info()[:2])  # hits + misses
-    with diag.options(cluster=cluster):
-      _compare_training(x, y, frozen, f"frozen cluster={cluster} seed={seed}")
+    _compare_training(x, y, frozen, f"frozen cluster={cluster} seed={seed}",
+                      ops.KernelConfig(cluster=cluster))
     assert sum(diag._host_layout.cache_info()[:2]) > calls  # the host layout was used
 
 
-def _compare_training(x, y, variables, what):
-  pal, den = _train("pallas", x, y, variables), _train("dense", x, y, variables)
+def _compare_training(x, y, variables, what, kernel=ops.KernelConfig()):
+  pal, den = _train("pallas", x, y, variables, kernel=kernel), _train("dense", x, y, variables)
   assert den[-1] < den[0]
   try:
     chex.assert_trees_all_close(pal, den, rtol=1e-5, atol=1e-5)

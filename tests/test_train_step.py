@@ -18,7 +18,7 @@ from configs import digits_mlp  # noqa: E402
 def test_frozen_step_sees_concrete_offsets(rng):
   seen = []
 
-  def prepare(o_K, m, n):
+  def prepare(o_K, geo, cfg):
     seen.append(isinstance(o_K, jax.core.Tracer))
     return o_K
 
@@ -51,21 +51,21 @@ def test_frozen_step_sees_concrete_offsets(rng):
                                 frozen.extra["dynadiag"]["fc1"]["offsets"])
 
 
-def test_kernel_settings_reach_the_pallas_backend():
-  from pallas_kernels import diag
-
+def test_kernel_settings_reach_the_layers():
   c = digits_mlp.get_config()
   c.backend = "pallas"
-  c.kernel.update(block=32, cluster=True)
-  old = diag.get_config()
-  try:
-    assert build.configure_backend(c) == "pallas"
-    assert (diag.get_config().block, diag.get_config().cluster) == (32, True)
-    c.kernel.block = 24
-    with pytest.raises(ValueError, match="power of two"):
-      build.configure_backend(c)
-  finally:
-    diag.set_config(**dataclasses.asdict(old))
+  c.block = 32
+  c.kernel.update(bcsr_block=32, cluster=True)
+  assert build.configure_backend(c) == "pallas"
+  spec = build.DataSpec("image", (8, 8, 1), 10)
+  model, _ = build.build_model(c, spec)
+  fc1 = model.linear("fc1", 128)
+  assert fc1.kernel_config == ops.KernelConfig(bcsr_block=32, cluster=True)
+  assert (fc1.block, fc1.fit_block) == (32, True)
+  c.kernel.bcsr_block = 24
+  with pytest.raises(ValueError, match="power of two"):
+    build.configure_backend(c)
+  c.kernel.bcsr_block = 16
   c.backend = "nope"
   with pytest.raises(ValueError, match="unknown diag_matmul backend"):
     build.configure_backend(c)
