@@ -6,14 +6,11 @@ weight decay 0.05, batch 256, 300 epochs, label smoothing 0.1, crop + flip, clip
 Sparse: all four mixing linears of every block (the head stays dense), compute fraction.
 """
 
-import ml_collections
-
 from configs import cifar10_vit_s, common
 
 
 def get_config():
   c = cifar10_vit_s.get_config()  # same data, recipe and schedules
-  c.model = ml_collections.ConfigDict(
-      dict(name="mixer", variant="S", patch_size=4, dropout=0.0, dtype=common.dtype()))
+  c.model = common.model("mixer", variant="S", patch_size=4, dropout=0.0)
   c.sparse_layers = ("token_mlp_in", "token_mlp_out", "channel_mlp_in", "channel_mlp_out")
   return c

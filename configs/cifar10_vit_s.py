@@ -14,8 +14,7 @@ from configs import common
 def get_config():
   c = common.base()
   c.data.name = "cifar10"
-  c.model.update(name="vit", variant="S", patch_size=4, pool="tok", dropout=0.0,
-                 dtype=common.dtype())
+  c.model = common.model("vit", variant="S", patch_size=4, pool="tok", dropout=0.0)
   c.sparsity = 0.9
   c.sparse_layers = ("attn_out", "mlp_in", "mlp_out")
   c.allocation = "compute_fraction"

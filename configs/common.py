@@ -1,24 +1,85 @@
 """Every field a run reads, with defaults; each configs/<name>.py starts from `base()`.
 
-Override any field on the command line: --config.sparsity=0.8 --config.model.depth=6.
+Override any field on the command line: --config.sparsity=0.8 --config.model.depth=6
+--config.data.data_dir=/data. Every field has a type, also those left unset (None, typed
+placeholders), so every field can be overridden (tests/test_configs.py checks all of them).
 """
 
-import ml_collections
+import dataclasses
+import typing
+from typing import Any
 
-from dynadiag_jax import data
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from dynadiag_jax import data, models
+
+# Types of fields whose default is None ('the data set's / model's default').
+TYPES = {
+    "data_dir": str, "image_size": int, "crop": str, "pad": int, "flip": bool, "scale": tuple,
+    "ratio": tuple, "mixup_alpha": float, "cutmix_alpha": float, "switch_prob": float,
+    "mix_prob": float, "vocab_dir": str, "text_dir": str, "eval_split": str, "workers": int,
+    "dtype": str, "num_classes": int, "vocab_size": int,
+}
+OUTPUTS = ("num_classes", "vocab_size")  # taken from the data unless set
+
+
+def typed(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """c with every None field a typed placeholder (TYPES; unknown names take any literal)."""
+  for k in list(c.keys()):
+    v = c[k]
+    if isinstance(v, ml_collections.ConfigDict):
+      typed(v)
+    elif v is None and not isinstance(c._fields[k], ml_collections.FieldReference):  # pylint: disable=protected-access
+      c[k] = placeholder(TYPES.get(k, object))
+  return c
+
+
+def _hint_type(hint: Any) -> type:
+  """int for `int | None`, str for `Any` (dtype names), tuple for Sequence[int]."""
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  t = args[0] if args else hint
+  if t is Any:
+    return str
+  return typing.get_origin(t) or t
+
+
+def model(name: str, **fields) -> ml_collections.ConfigDict:
+  """Config of models.build(name): every field of the model, its default, `fields` set.
+
+  Fields left None (sizes from `variant` / `size`, dtype, the output size from the data)
+  are typed placeholders, so e.g. --config.model.width=64 works for every config.
+  """
+  cls = models.MODELS[name]
+  hints = typing.get_type_hints(cls)
+  c = ml_collections.ConfigDict({"name": name})
+  for f in dataclasses.fields(cls):
+    if f.name in ("parent", "name", "linear"):
+      continue
+    default = None if f.name in OUTPUTS else f.default
+    if default is None:
+      t = _hint_type(hints[f.name])
+      c[f.name] = placeholder(tuple if t in (list, typing.Sequence) else t)
+    else:
+      c[f.name] = tuple(default) if isinstance(default, list) else default
+  for k, v in fields.items():
+    if k not in c:
+      raise ValueError(f"model {name!r} has no field {k!r}; fields: {sorted(c)}")
+    c[k] = v
+  return c
 
 
 def dtype() -> ml_collections.FieldReference:
   """A model's compute dtype field: None (float32), settable as --config.model.dtype=bfloat16."""
-  return ml_collections.config_dict.placeholder(str)
+  return placeholder(str)
 
 
 def base() -> ml_collections.ConfigDict:
   """Defaults: a sparse (DiagDense) run, AdamW with cosine decay, checkpoints every 1000 steps."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # init, dropout and data order
-  c.data = data.default_config()  # see dynadiag_jax.data.default_config
-  c.model = ml_collections.ConfigDict({"name": "mlp"})  # fields of dynadiag_jax.models.build
+  c.data = typed(data.default_config())  # see dynadiag_jax.data.default_config
+  c.model = ml_collections.ConfigDict({"name": "mlp"})  # configs set c.model = model(name, ...)
 
   # Sparsity: which layers are DiagDense, how sparse, how the budget is spread.
   c.sparse = True  # False: the all-dense baseline (nn.Dense everywhere)
@@ -32,6 +93,7 @@ def base() -> ml_collections.ConfigDict:
       "batch_tile": 0,  # rows per kernel program; 0 = automatic
       "cluster": False,  # reorder rows / columns of frozen layouts for fuller blocks
   })
+  c.gate = "soft_topk"  # DiagDense gate: 'soft_topk' (paper) | 'capped_topk' (sums to K exactly)
   c.method = "dynadiag"  # dense | dynadiag | static_diag | diagheur | diagrigl | rigl | set | gmp | nm
   c.masks = ml_collections.ConfigDict({  # mask methods (dynadiag_jax.methods)
       "every": 100,  # steps between mask updates
@@ -64,7 +126,14 @@ def base() -> ml_collections.ConfigDict:
 
   # Running.
   c.num_devices = 0  # local devices for pmap; 0 = all
-  c.distributed = False  # jax.distributed.initialize() for multi-host runs
+  c.distributed = False  # multi-host: jax.distributed.initialize (dynadiag_jax.train.distributed)
+  c.cluster = ml_collections.ConfigDict({  # used when distributed; unset -> DYNADIAG_* env vars
+      "coordinator_address": "",  # process 0's host:port; '' and no env: jax's cluster detection
+      "num_processes": 0,  # 0: $DYNADIAG_NUM_PROCESSES
+      "process_id": -1,  # -1: $DYNADIAG_PROCESS_ID
+      "heartbeat_timeout_s": 100,  # jax aborts after this; our watchdog says why at half of it
+      "initialization_timeout_s": 300,
+  })
   c.eval_batch_size = 500
   c.eval_every = 0  # steps; 0 = only at the end
   c.log_every = 50

@@ -10,7 +10,7 @@ from configs import common
 def get_config():
   c = common.base()
   c.data.name = "digits"
-  c.model.update(name="mlp", hidden=(128, 128))
+  c.model = common.model("mlp", hidden=(128, 128))
   c.sparsity = 0.9
   c.sparse_layers = ("fc1", "fc2", "head")
   c.allocation = "erk"

@@ -5,14 +5,11 @@ random-resized crop + flip, mixup 0.8 / cutmix 1.0, label smoothing 0.1.
 Sparse: all four mixing linears of every block (head dense), compute-fraction allocation.
 """
 
-import ml_collections
-
 from configs import common, imagenet_vit_b
 
 
 def get_config():
   c = imagenet_vit_b.get_config()
-  c.model = ml_collections.ConfigDict(
-      {"name": "mixer", "variant": "S", "patch_size": 16, "dropout": 0.0, "dtype": common.dtype()})
+  c.model = common.model("mixer", variant="S", patch_size=16, dropout=0.0)
   c.sparse_layers = ("token_mlp_in", "token_mlp_out", "channel_mlp_in", "channel_mlp_out")
   return c

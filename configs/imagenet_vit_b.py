@@ -15,8 +15,7 @@ def get_config():
   c = common.base()
   c.data.update(name="imagenet2012", image_size=224, crop="random_resized_crop", flip=True,
                 mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5)
-  c.model.update(name="vit", variant="B", patch_size=16, pool="tok", dropout=0.0,
-                 dtype=common.dtype())
+  c.model = common.model("vit", variant="B", patch_size=16, pool="tok", dropout=0.0)
   c.sparsity = 0.9
   c.sparse_layers = ("attn_out", "mlp_in", "mlp_out")
   c.allocation = "compute_fraction"

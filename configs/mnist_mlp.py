@@ -12,7 +12,7 @@ from configs import common
 def get_config():
   c = common.base()
   c.data.name = "mnist5k"
-  c.model.update(name="mlp", hidden=(256, 256))
+  c.model = common.model("mlp", hidden=(256, 256))
   c.sparsity = 0.9
   c.sparse_layers = ("fc1", "fc2", "head")
   c.allocation = "erk"  # compute_fraction equals uniform on an MLP (same rows per layer)

@@ -12,7 +12,7 @@ from configs import common
 def get_config():
   c = common.base()
   c.data.update(name="pydoc", tokenizer="bytes", seq_len=128)
-  c.model.update(name="gpt2", size="tiny", dropout=0.0, dtype=common.dtype())
+  c.model = common.model("gpt2", size="tiny", dropout=0.0)
   c.sparsity = 0.9
   c.sparse_layers = ("qkv", "attn_out", "mlp_in", "mlp_out")
   c.allocation = "compute_fraction"

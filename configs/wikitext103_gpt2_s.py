@@ -15,7 +15,7 @@ from configs import common
 def get_config():
   c = common.base()
   c.data.update(name="wikitext103", tokenizer="gpt2", seq_len=1024)
-  c.model.update(name="gpt2", size="small", dropout=0.1, dtype=common.dtype())
+  c.model = common.model("gpt2", size="small", dropout=0.1)
   c.sparsity = 0.9
   c.sparse_layers = ("qkv", "attn_out", "mlp_in", "mlp_out")
   c.allocation = "compute_fraction"

@@ -1,4 +1,4 @@
-"""Every config: fields, --config.x=y overrides, model build, two train steps on stand-in data."""
+"""Every config: fields, --config.x=y overrides of every field, model build, two train steps."""
 
 from __future__ import annotations
 
@@ -12,22 +12,36 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+import dynadiag_jax as dd
 from dynadiag_jax import data, models
 from dynadiag_jax.train import build, state, step
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ["mnist_mlp", "digits_mlp", "cifar10_vit_s", "cifar10_mixer_s", "cifar100_vit_s",
-         "imagenet_vit_b", "imagenet_mixer_s", "wikitext103_gpt2_s", "text_gpt2_tiny"]
-OFFLINE = {"mnist_mlp", "digits_mlp", "text_gpt2_tiny"}
+NAMES = sorted({p.stem for p in (ROOT / "configs").glob("*.py")} - {"__init__", "common"})
+OFFLINE_DATA = ("mnist5k", "digits", "pydoc")
+# The size fields of each model (tests/test_configs.py overrides them on the command line).
+SIZES = {"mlp": ("hidden",), "vit": ("width", "depth", "num_heads", "mlp_dim"),
+         "mixer": ("hidden", "depth", "token_mlp_dim", "channel_mlp_dim"),
+         "gpt2": ("width", "num_layers", "num_heads", "context")}
 
 
 def _config(name: str) -> ml_collections.ConfigDict:
   return importlib.import_module(f"configs.{name}").get_config()
 
 
-def test_every_config_file_is_listed():
-  files = {p.stem for p in (ROOT / "configs").glob("*.py")} - {"__init__", "common"}
-  assert files == set(NAMES)
+def _parse(name: str, *overrides: str) -> ml_collections.ConfigDict:
+  """The config of configs/<name>.py as train.py parses it with `overrides`."""
+  argv = ["train.py", f"--config={ROOT / 'configs' / f'{name}.py'}", *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_configs_found():
+  assert {"mnist_mlp", "digits_mlp", "cifar10_vit_s", "imagenet_vit_b", "text_gpt2_tiny",
+          "wikitext103_gpt2_s"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -39,7 +53,8 @@ def test_config_fields(name):
   assert 0 < c.schedule.freeze_fraction < 1 and c.schedule.num_levels >= 2
   assert c.total_steps > 0 or c.num_epochs > 0
   assert set(c.sparse_layers) <= set(models.linear_roles(c.model))
-  assert (c.data.name in ("mnist5k", "digits", "pydoc")) == (name in OFFLINE)
+  if name in ("mnist_mlp", "digits_mlp", "text_gpt2_tiny"):
+    assert c.data.name in OFFLINE_DATA
   if c.model.name in ("vit", "mixer") and c.data.name.startswith("cifar"):
     assert c.model.patch_size == 4 and c.optimizer.lr == 1e-3 and c.optimizer.weight_decay == 0.05
     assert 128 <= c.batch_size <= 512 and 200 <= c.num_epochs <= 300
@@ -85,17 +100,64 @@ def test_command_line_overrides():
   assert _config("imagenet_mixer_s").model.dtype is None  # no field shared between configs
 
 
-def _tiny(c: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, build.DataSpec]:
-  """Tiny model sizes and a stand-in data spec of the config's kind."""
+def _fields(c: ml_collections.ConfigDict, prefix: str = ""):
+  """(dotted path, type, value) of every field; a typed placeholder gives its type."""
+  for k in c.keys():
+    f = c._fields[k]  # pylint: disable=protected-access
+    if isinstance(f, ml_collections.ConfigDict):
+      yield from _fields(f, f"{prefix}{k}.")
+    elif isinstance(f, ml_collections.FieldReference):
+      yield f"{prefix}{k}", f.get_type(), f.get()
+    else:
+      yield f"{prefix}{k}", type(f), f
+
+
+def _sample(t: type, v) -> tuple[str, object]:
+  """(command-line text, parsed value) of a new value for a field of type t holding v."""
+  if t is bool:
+    return str(not v).lower(), not v
+  if t is int:
+    return "7", 7
+  if t is float:
+    return "0.25", 0.25
+  if t is str:
+    return "x1", "x1"
+  if t is tuple:
+    new = ("a", "b") if v and isinstance(v[0], str) else (0.5, 1.0) if v is None else (3, 5)
+    return str(new), new
+  return "7", 7  # object: any Python literal
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_field_can_be_overridden(name):
+  """Issue 12: data_dir, pad, scale, ... and the model sizes all parse from the command line."""
+  fields = list(_fields(_config(name)))
+  paths = [p for p, _, _ in fields]
+  for want in ("data.data_dir", "data.pad", "data.scale", "data.ratio", "data.mix_prob",
+               "data.eval_split", "data.image_size"):
+    assert want in paths, want
+  model = _config(name).model.name
+  assert {f"model.{k}" for k in SIZES[model]} <= set(paths)
+  want = {p: _sample(t, v) for p, t, v in fields if p != "model.name"}
+  c = _parse(name, *[f"--config.{p}={arg}" for p, (arg, _) in want.items()])
+  for p, (_, v) in want.items():
+    node = c
+    for k in p.split("."):
+      node = node[k]
+    assert node == v, (p, node, v)
+
+
+def _tiny(name: str) -> tuple[ml_collections.ConfigDict, build.DataSpec]:
+  """configs/<name>.py with tiny model sizes set on the command line, and a stand-in data spec."""
+  small = {"mlp": ["--config.model.hidden=(16,16)"],
+           "vit": ["--config.model.width=16", "--config.model.depth=1",
+                   "--config.model.num_heads=2", "--config.model.mlp_dim=32"],
+           "mixer": ["--config.model.hidden=16", "--config.model.depth=1",
+                     "--config.model.token_mlp_dim=8", "--config.model.channel_mlp_dim=32"],
+           "gpt2": ["--config.model.num_layers=1", "--config.model.width=16",
+                    "--config.model.num_heads=2", "--config.model.context=8"]}
+  c = _parse(name, *small[_config(name).model.name])
   m = c.model
-  if m.name == "mlp":
-    m.hidden = (16, 16)
-  elif m.name == "vit":
-    m.update(width=16, depth=1, num_heads=2, mlp_dim=32)
-  elif m.name == "mixer":
-    m.update(hidden=16, depth=1, token_mlp_dim=8, channel_mlp_dim=32)
-  else:
-    m.update(num_layers=1, width=16, num_heads=2, context=8)
   if m.name == "gpt2":
     vocab = 50257 if c.data.tokenizer == "gpt2" else 257
     return c, build.DataSpec("text", (8,), vocab, 10_000)
@@ -116,11 +178,19 @@ def _stand_in(c, spec: build.DataSpec, b: int, rng: np.random.Generator) -> dict
   return {"image": x, "label": y}
 
 
+# The (in, out) of one linear per model under _tiny's sizes: the overrides reach the model.
+TINY_SHAPE = {"mlp": ("fc2", 16, 16), "vit": ("mlp_in", 16, 32),
+              "mixer": ("channel_mlp_in", 16, 32), "gpt2": ("qkv", 16, 48)}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_config_builds_and_takes_two_steps(name, rng):
-  c, spec = _tiny(_config(name))
+  c, spec = _tiny(name)
   model, sp = build.build_model(c, spec)
   assert sp and set(sp) == set(build.sparse_layers(c))
+  role, m, n = TINY_SHAPE[c.model.name]
+  calls = {k.name: (k.m, k.n) for k in dd.linear_calls(model, None, spec.dummy_input())}
+  assert calls[role] == (m, n)
   steps = build.total_steps(c, spec)
   sched = build.build_schedule(c, steps)
   tx = build.build_optimizer(c, steps, sched, build.steps_per_epoch(c, spec))

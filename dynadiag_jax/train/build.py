@@ -126,7 +126,10 @@ def learning_rate(config: ml_collections.ConfigDict, steps: int,
   o = config.optimizer
   warm = int(o.warmup_steps + round(o.warmup_epochs * spe))
   if warm >= steps:
-    raise ValueError(f"{warm} warmup steps do not fit in {steps} training steps")
+    raise ValueError(
+        f"{warm} warmup steps (config.optimizer.warmup_steps {o.warmup_steps} + warmup_epochs "
+        f"{o.warmup_epochs} x {spe:.1f} steps per epoch) do not fit in {steps} training steps; "
+        "lower them or raise config.total_steps")
   end = o.lr * o.end_lr_fraction
   if o.schedule == "cosine":
     decay = optax.cosine_decay_schedule(o.lr, steps - warm, alpha=o.end_lr_fraction)

@@ -3,27 +3,43 @@
 A checkpoint at step s holds two items:
 - 'state': the state's leaves as a flat {path: numpy array} dict (OCDBT), and
 - 'meta': JSON with the step (= data position), the phase (`level`, `frozen`), the
-  signature {path: [shape, dtype]} and a crc32 per leaf, and the run's wall time.
+  signature {path: [shape, dtype]} and a crc32 per leaf, the run's wall time, the config
+  (JSON) that wrote it and the per-step metrics not yet logged.
 The state's structure changes at every K_active level and at the freeze, so `restore`
 reads 'meta' first, rebuilds that structure from a fresh state (`state.at_phase`),
-checks it against the signature, restores, and verifies every checksum. Anything wrong
-raises `CheckpointError` naming the directory; nothing on disk is touched.
+checks it against the signature, restores, and verifies every checksum. Given the run's
+config, it first compares it with the saved one (`config_diff`): only the fields of
+`MAY_CHANGE` may differ on resume. Anything wrong raises `CheckpointError` naming the
+directory and what to do; nothing on disk is touched. Saves land every `every` steps
+(multiples of it; no initial save) and when forced (SIGTERM, the end of a run).
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import logging
 import os
 import zlib
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
 from dynadiag_jax.train.state import TrainState
 
 FORMAT = 1
+
+# Config fields that may differ when a run resumes (fnmatch patterns over dotted paths):
+# its length, reporting, checkpoint cadence, devices, compile and kernel settings, and
+# where the data lives. Every other field defines the run and must match the saved config.
+MAY_CHANGE = (
+    "total_steps", "num_epochs", "log_every", "eval_every", "eval_batch_size", "progress_bar",
+    "checkpoint.*", "num_devices", "distributed", "cluster.*", "fast_compile", "backend", "kernel.*",
+    "data.data_dir", "data.vocab_dir", "data.text_dir", "data.*workers*", "data.*prefetch*",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -62,6 +78,36 @@ def _diff(want: dict, have: dict, limit: int = 5) -> str:
   return "; ".join(out[:limit]) + more
 
 
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """{'a.b': value} of a nested dict (lists kept as values)."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def config_json(config: Any) -> str:
+  """A config (ConfigDict or dict) as the JSON a checkpoint stores."""
+  if hasattr(config, "to_json_best_effort"):
+    return config.to_json_best_effort(sort_keys=True)
+  return json.dumps(config, sort_keys=True, default=str)
+
+
+def config_diff(saved: Any, current: Any, may_change: tuple[str, ...] = MAY_CHANGE) -> list[str]:
+  """'path: saved -> current' for each field that defines the run and differs."""
+  load = lambda c: _leaves(json.loads(c if isinstance(c, str) else config_json(c)))
+  a, b = load(saved), load(current)
+  out = []
+  for k in sorted(set(a) | set(b)):
+    if any(fnmatch.fnmatchcase(k, p) for p in may_change) or a.get(k, ()) == b.get(k, ()):
+      continue
+    fmt = lambda d: json.dumps(d[k]) if k in d else "(absent)"
+    out.append(f"{k}: {fmt(a)} -> {fmt(b)}")
+  return out
+
+
 class Checkpointer:
   """A `CheckpointManager` in `directory` saving every `every` steps, keeping `keep`."""
 
@@ -69,8 +115,10 @@ class Checkpointer:
     if every < 1 or keep < 1:
       raise ValueError(f"checkpoint every and keep must be >= 1, got {every}, {keep}")
     self.directory = os.path.abspath(directory)
+    self.every = every
     opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=every, create=True, cleanup_tmp_directories=True,
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        save_decision_policy=save_decision_policy.FixedIntervalPolicy(every),
         enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
 
@@ -79,7 +127,8 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def should_save(self, step: int) -> bool:
-    return self.manager.should_save(step)
+    """Whether `step` is a multiple of `every` not saved yet."""
+    return step % self.every == 0 and self.manager.should_save(step)
 
   def save(self, state: TrainState, extra_meta: dict | None = None, force: bool = False) -> bool:
     """Starts saving an un-replicated (numpy) state at its step; returns whether it saves."""
@@ -95,22 +144,43 @@ class Checkpointer:
         state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=force)
 
   def _where(self, step: int) -> str:
-    steps = self.manager.all_steps()
-    prev = [s for s in steps if s < step]
+    return f"checkpoint at step {step} in {self.directory!r}"
+
+  def _older(self, step: int) -> str:
+    """What to do about an unusable checkpoint at `step`: fall back to an older one, or start over."""
+    prev = [s for s in self.manager.all_steps() if s < step]
     here = os.path.join(self.directory, str(step))
-    hint = (f" To resume from step {max(prev)} instead, move {here} out of the way." if prev else
-            f" No older checkpoint exists; remove {self.directory} to start afresh.")
-    return f"checkpoint at step {step} in {self.directory!r}.{hint}"
+    return (f"To resume from step {max(prev)} instead, move {here} out of the way." if prev else
+            f"No older checkpoint exists; remove {self.directory} to start afresh.")
+
+  def _other_run(self) -> str:
+    workdir = os.path.dirname(self.directory)
+    return (f"Rerun with the config (and code) that wrote it, or give this run a new --workdir "
+            f"(not {workdir}).")
+
+  def check_config(self, step: int, meta: dict, config: Any):
+    """Raises CheckpointError when `config` differs from the saved one in a field of the run."""
+    if "config" not in meta:
+      return
+    diff = config_diff(meta["config"], config)
+    if diff:
+      more = f" (+{len(diff) - 8} more)" if len(diff) > 8 else ""
+      raise CheckpointError(
+          f"The {self._where(step)} was written with another config: {'; '.join(diff[:8])}{more}. "
+          "These fields define the run (only its length, logging, evaluation, checkpoint and "
+          f"device settings may change on resume). {self._other_run()}")
 
   def read_meta(self, step: int) -> dict:
     """The 'meta' item of the checkpoint at `step`."""
     try:
       meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"Cannot read the metadata of the {self._where(step)} "
-                            f"({type(e).__name__}: {e})") from e
+      err = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+      raise CheckpointError(f"Cannot read the metadata of the {self._where(step)} ({err}). "
+                            f"{self._older(step)}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or "signature" not in meta:
-      raise CheckpointError(f"Unknown metadata format in the {self._where(step)}")
+      raise CheckpointError(f"Unknown metadata format in the {self._where(step)}. "
+                            f"{self._older(step)}")
     return meta
 
   def restore_flat(self, step: int, want: dict[str, np.ndarray],
@@ -119,32 +189,41 @@ class Checkpointer:
     meta = self.read_meta(step) if meta is None else meta
     if signature(want) != meta["signature"]:
       raise CheckpointError(
-          f"The {self._where(step)} does not fit this run's model or optimizer (was it written "
-          f"with another config?): {_diff(signature(want), meta['signature'])}")
+          f"The {self._where(step)} does not fit this run's model or optimizer: "
+          f"{_diff(signature(want), meta['signature'])}. {self._other_run()}")
     try:
       flat = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(want))).state
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"Cannot read the arrays of the {self._where(step)} "
-                            f"({type(e).__name__}: {str(e)[:500]})") from e
+      err = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+      raise CheckpointError(f"Cannot read the arrays of the {self._where(step)} ({err}). "
+                            f"{self._older(step)}") from e
     flat = {k: np.asarray(v) for k, v in flat.items()}
     if signature(flat) != meta["signature"]:
       raise CheckpointError(f"Arrays of the {self._where(step)} do not match its metadata: "
-                            f"{_diff(meta['signature'], signature(flat))}")
+                            f"{_diff(meta['signature'], signature(flat))}. {self._older(step)}")
     bad = [k for k, c in checksums(flat).items() if c != meta["crc32"].get(k)]
     if bad:
-      raise CheckpointError(f"Corrupt {self._where(step)}: checksum mismatch in {bad[:5]}"
-                            + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+      more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+      raise CheckpointError(f"Corrupt {self._where(step)}: checksum mismatch in {bad[:5]}{more}. "
+                            f"{self._older(step)}")
     return flat, meta
 
-  def restore(self, step: int, target: Callable[[dict], TrainState]) -> tuple[TrainState, dict]:
-    """(state, meta) of the checkpoint at `step`; target(meta) builds a like-shaped state."""
+  def restore(self, step: int, target: Callable[[dict], TrainState],
+              config: Any = None) -> tuple[TrainState, dict]:
+    """(state, meta) of the checkpoint at `step`; target(meta) builds a like-shaped state.
+
+    With `config`, first checks it against the saved config (`check_config`).
+    """
     meta = self.read_meta(step)
+    if config is not None:
+      self.check_config(step, meta, config)
     like = target(meta)
     flat, meta = self.restore_flat(step, flatten(like), meta)
     state = unflatten(like, flat)
     if int(state.step) != step:
-      raise CheckpointError(f"The {self._where(step)} holds step {int(state.step)}")
+      raise CheckpointError(f"The {self._where(step)} holds step {int(state.step)}. "
+                            f"{self._older(step)}")
     logging.info("Restored checkpoint step %d (level %s, frozen %s) from %s", step,
                  meta["level"], meta["frozen"], self.directory)
     return state, meta

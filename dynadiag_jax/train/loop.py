@@ -20,7 +20,7 @@ import optax
 import dynadiag_jax as dd
 from dynadiag_jax import data, methods
 from dynadiag_jax.methods import records
-from dynadiag_jax.train import build, checkpoint, progress
+from dynadiag_jax.train import build, checkpoint, guard, progress
 from dynadiag_jax.train import state as state_lib
 from dynadiag_jax.train.step import FAST_COMPILE, make_eval_step, make_train_step
 
@@ -165,14 +165,49 @@ class Run:
 def _train_record(run: Run, pending: list[dict], step: int, active: int, frozen: bool,
                   rate: float) -> dict:
   """Means over the steps since the last record, with lr, T, active diagonals, steps/s."""
-  m = jax.tree.map(lambda *xs: float(np.mean(xs)), *state_lib.unreplicate(pending))
+  m = jax.tree.map(lambda *xs: float(np.mean(xs)), *_host_metrics(pending))
   rec = {"loss": m["loss"], "accuracy": m["accuracy"], "grad_norm": m["grad_norm"],
          "lr": float(run.lr(step)), "active": active, "steps_per_s": rate}
   if run.sched is not None and not frozen:
     rec["temperature"] = m["temperature"]
-  if not math.isfinite(m["loss"]):
-    raise FloatingPointError(f"loss is {m['loss']} at step {step + 1}")
   return rec
+
+
+def _host_metrics(pending: list[dict]) -> list[dict]:
+  """Per-step metrics as numpy float32 scalars (device ones fetched, saved ones as they are)."""
+  dev = [i for i, m in enumerate(pending) if isinstance(next(iter(m.values())), jax.Array)]
+  got = dict(zip(dev, state_lib.unreplicate([pending[i] for i in dev]))) if dev else {}
+  return [got.get(i, m) for i, m in enumerate(pending)]
+
+
+def _pending_json(pending: list[dict]) -> list[dict]:
+  """The metrics of steps not yet logged, for a checkpoint (exact floats)."""
+  return [{k: float(v) for k, v in m.items()} for m in _host_metrics(pending)]
+
+
+def _pending_restored(meta: dict) -> list[dict]:
+  """The unlogged metrics a checkpoint carries, as float32 scalars (bitwise as logged)."""
+  return [{k: np.float32(v) for k, v in m.items()} for m in meta.get("pending", [])]
+
+
+def _start(config: ml_collections.ConfigDict) -> "Run":
+  """The run's pieces; config values that cannot run raise ConfigError (nothing is written)."""
+  try:
+    _check(config)
+    return Run.build(config)
+  except (guard.ConfigError, data.DataNotFoundError):
+    raise
+  except ValueError as e:
+    raise guard.ConfigError(" ".join(str(e).split())) from e
+
+
+def _diverged(e: guard.DivergenceError, ck: checkpoint.Checkpointer) -> guard.DivergenceError:
+  """The one-line error of a diverged run, naming the last good checkpoint and what to try."""
+  good = ck.latest_step()
+  kept = (f"the last good checkpoint is step {good} in {ck.directory}" if good is not None else
+          "no checkpoint was saved")
+  return guard.DivergenceError(f"{e}; stopped, {kept}. Try a lower optimizer.lr or "
+                               "optimizer.grad_clip > 0, in a new --workdir.", e.step)
 
 
 def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, start: int | None,
@@ -210,23 +245,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   Resumes from the newest checkpoint in <workdir>/checkpoints. Writes metrics.jsonl,
   TensorBoard events and, at the end, summary.json. Returns None when stopped by SIGTERM
   (after saving a checkpoint to resume from). wall_s counts every run of the same workdir.
+  Raises guard.ConfigError (before creating anything) for config values that cannot run,
+  guard.WorkdirError, CheckpointError (also for a checkpoint of another config) and
+  guard.DivergenceError at the first non-finite loss (the last good checkpoint is kept).
   """
   t0 = time.perf_counter()
   maybe_initialize_distributed(config)
-  _check(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  run = Run.build(config)
+  run = _start(config)
+  workdir = guard.make_workdir(workdir)
   devices, lead = run.devices, jax.process_index() == 0
 
   ck = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint.every,
                                config.checkpoint.keep, config.checkpoint.async_save)
-  latest, wall0 = ck.latest_step(), 0.0
+  latest, wall0, carried = ck.latest_step(), 0.0, []
   if latest is None:
     host = run.fresh()
   else:
-    host, meta = ck.restore(latest, run.like)
-    wall0 = float(meta.get("wall_s", 0.0))
+    host, meta = ck.restore(latest, run.like, config)
+    wall0, carried = float(meta.get("wall_s", 0.0)), _pending_restored(meta)
   wall = lambda: wall0 + time.perf_counter() - t0
   start = int(host.step)
   rep = progress.Reporter(workdir, run.steps, start, active=lead, bar=config.progress_bar)
@@ -243,10 +279,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   p_train = make_train_step(run.model, run.tx, run.sched, run.spec, config.label_smoothing,
                             run.options)
   p_eval = make_eval_step(run.model, run.spec, run.options)
-  save = lambda h, force=False: ck.save(
-      h, {"wall_s": wall(), "config": config.to_json_best_effort()}, force)
+  watch = guard.FiniteWatch()
+
+  def save(h: state_lib.TrainState, force: bool = False):
+    watch.check()  # never save past a non-finite loss
+    if not guard.finite_state(h.params):
+      raise guard.DivergenceError(
+          f"training diverged: non-finite parameters at step {int(h.step)}", int(h.step))
+    ck.save(h, {"wall_s": wall(), "config": checkpoint.config_json(config),
+                "pending": _pending_json(pending)}, force)
+
   rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host)
-  pending: list[dict] = []
+  pending: list[dict] = carried  # per-step metrics since the last train record
   batches = data.batches(run.source, config.batch_size, seed=config.seed, start_step=start,
                          num_devices=len(devices), raw=True, prefetch=config.data.prefetch,
                          workers=data.num_workers(config.data, run.source),
@@ -270,21 +314,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
         rstate, metrics = p_train(rstate, prep(state_lib.shard(next(batches), devices)))
         done = step + 1
         rep.tick()
+        watch.add(done, metrics)
         if config.log_every:
           pending.append(metrics)
           if done % config.log_every == 0 or done == run.steps:
+            watch.check()
             rec = _train_record(run, pending, step, active, rstate.frozen, rep.steps_per_s(done))
             rep.write(done, "train", rec, postfix=True)
             pending = []
             if lead and rstate.sparse and not rstate.frozen:
               records.trace(workdir, done, rstate)
         if config.eval_every and done % config.eval_every == 0 and done < run.steps:
-          rep.write(done, "eval", evaluate(p_eval, rstate, run.source, run.spec, config, devices))
+          watch.check()
+          ev = evaluate(p_eval, rstate, run.source, run.spec, config, devices)
+          guard.check_eval(ev, done)
+          rep.write(done, "eval", ev)
         if done < run.steps and ck.should_save(done):
           save(state_lib.unreplicate(rstate))
     host = state_lib.unreplicate(rstate)
     save(host, force=True)
     ck.wait()
+  except guard.DivergenceError as e:
+    ck.wait()
+    rep.event(e.step or 0, "diverged", error=str(e))
+    rep.close()
+    raise _diverged(e, ck) from None
   except BaseException:
     rep.close()
     raise
@@ -294,7 +348,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if run.sched is not None and not host.frozen:  # freeze_fraction = 1: freeze at the end
     host = state_lib.freeze(host)
   ev = evaluate(p_eval, state_lib.replicate(host, devices), run.source, run.spec, config, devices)
-  rep.write(run.steps, "eval", ev)
+  try:
+    guard.check_eval(ev, run.steps)
+  except guard.DivergenceError as e:
+    rep.close()
+    raise guard.DivergenceError(f"{e}; its checkpoint is kept in {ck.directory}") from None
+  if not rep.has(run.steps, "eval"):  # a rerun of a finished run evaluates, records once
+    rep.write(run.steps, "eval", ev)
   summary = _summary(run, host, ev, wall(), start if latest is not None else None,
                      p_train.num_compiled)
   rep.close()

@@ -36,17 +36,32 @@ def read_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _kept(rec: Mapping[str, Any], start_step: int) -> bool:
+  """Whether a record survives a resume from start_step: what happened before it.
+
+  Records of steps past start_step were written after the checkpoint and will be written
+  again. A record at start_step describes the state after start_step steps, except a
+  `freeze` event, which happens before running step start_step and is made again.
+  """
+  step = rec.get("step", 0)
+  return step < start_step or (step == start_step and rec.get("event") != "freeze")
+
+
 class Reporter:
   """Progress bar, metrics.jsonl and TensorBoard writer of one run (silent unless `active`).
 
   On resume from `start_step`, records past it (written before an interruption) are
   dropped from metrics.jsonl and purged from TensorBoard so every step appears once.
+  The bar appears at the first `tick`, after the first step has compiled, so its rate and
+  ETA count only steps of this run after compilation.
   """
 
   def __init__(self, workdir: str, total: int, start_step: int = 0, active: bool = True,
                bar: bool = True):
     self.active, self.total = active, total
     self.bar = None
+    self._n, self._want_bar = start_step, bar
+    self._have: set[tuple[int, str]] = set()
     self.writer = None
     self._file = None
     self._last = (start_step, time.perf_counter())
@@ -54,7 +69,8 @@ class Reporter:
       return
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, METRICS_FILE)
-    keep = [r for r in read_metrics(workdir) if r.get("step", 0) <= start_step or "event" in r]
+    keep = [r for r in read_metrics(workdir) if _kept(r, start_step)]
+    self._have = {(r["step"], r["split"]) for r in keep if "split" in r}
     with open(path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(path + ".tmp", path)
@@ -62,9 +78,6 @@ class Reporter:
     import tensorboardX  # pylint: disable=g-import-not-at-top
     self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, TB_DIR),
                                              purge_step=start_step or None)
-    if bar:
-      self.bar = tqdm.tqdm(total=total, initial=start_step, dynamic_ncols=True, unit="step",
-                           smoothing=0.1)
 
   def steps_per_s(self, step: int) -> float:
     """Steps per second since the last call."""
@@ -73,9 +86,18 @@ class Reporter:
     self._last = (step, now)
     return (step - s0) / max(now - t0, 1e-9)
 
+  def has(self, step: int, split: str) -> bool:
+    """Whether metrics.jsonl already holds a `split` record of `step` (kept from a former run)."""
+    return (int(step), split) in self._have
+
   def tick(self, n: int = 1):
+    """n more steps done; the first call shows the bar (after the first step's compile)."""
+    self._n += n
     if self.bar is not None:
       self.bar.update(n)
+    elif self.active and self._want_bar:
+      self.bar = tqdm.tqdm(total=self.total, initial=self._n, dynamic_ncols=True, unit="step",
+                           smoothing=0.1)
 
   def write(self, step: int, split: str, metrics: Mapping[str, Any], postfix: bool = False):
     """One record {step, split, **metrics} to JSON lines and TensorBoard (split/name)."""
@@ -83,12 +105,13 @@ class Reporter:
       return
     rec = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
     self._file.write(json.dumps(rec) + "\n")
+    self._have.add((int(step), split))
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
         self.writer.add_scalar(f"{split}/{k}", v, int(step))
     if postfix and self.bar is not None:
       short = {"loss": "loss", "accuracy": "acc", "temperature": "T", "active": "diag",
-               "steps_per_s": "it/s", "perplexity": "ppl"}
+               "perplexity": "ppl"}  # the rate is tqdm's own
       self.bar.set_postfix({short[k]: (f"{v:.4g}" if isinstance(v, float) else v)
                             for k, v in metrics.items() if k in short}, refresh=False)
 
@@ -115,6 +138,7 @@ class Reporter:
     if self._file is not None:
       self._file.close()
     self.bar = self.writer = self._file = None
+    self._want_bar = False
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:

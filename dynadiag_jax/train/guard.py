@@ -1,0 +1,106 @@
+"""What stops a run, and how: its errors, the exit statuses of train.py, the non-finite-loss watch.
+
+Exit statuses of `train.py` (schedulers can tell them apart):
+  0   finished (summary.json written)
+  1   stopped on an error in the run (checkpoint, data); one line on stderr
+  2   a command-line or config mistake; nothing was created
+  3   diverged: a non-finite loss; the last good checkpoint is kept
+  143 preempted by SIGTERM after saving a checkpoint: rerun the same command to resume
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+
+
+class ConfigError(ValueError):
+  """A config value a run cannot start with (raised before anything is written)."""
+
+
+class WorkdirError(OSError):
+  """A workdir that cannot be created or written."""
+
+
+class DivergenceError(FloatingPointError):
+  """A non-finite loss or gradient norm (training) or loss (evaluation) at `step`."""
+
+  def __init__(self, message: str, step: int | None = None):
+    super().__init__(message)
+    self.step = step
+
+
+def _value(x: Any) -> float:
+  """A scalar metric as a float (replicated device arrays: their first copy)."""
+  return float(np.asarray(x).reshape(-1)[0])
+
+
+class FiniteWatch:
+  """Checks every step's loss and gradient norm without a host sync per step.
+
+  `add` keeps the step's (device) metrics; `check` fetches what was added since the last
+  check in one transfer and raises `DivergenceError` at the first non-finite value. The loop
+  checks before every save, log, eval and at the end, and every `every` steps otherwise
+  (then leaving the newest step unchecked, so that the fetch does not stall the pipeline).
+  """
+
+  KEYS = ("loss", "grad_norm")
+
+  def __init__(self, every: int = 20):
+    self.every = every
+    self._todo: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: Mapping[str, Any]):
+    """Records the metrics of the step that made `step` steps done."""
+    self._todo.append((step, {k: metrics[k] for k in self.KEYS if k in metrics}))
+    if len(self._todo) > self.every:
+      self.check(all_steps=False)
+
+  def check(self, all_steps: bool = True, where: str = ""):
+    """Raises DivergenceError at the first non-finite loss or gradient norm added so far."""
+    todo = self._todo if all_steps else self._todo[:-1]
+    self._todo = [] if all_steps else self._todo[-1:]
+    if not todo:
+      return
+    vals = jax.device_get([m for _, m in todo])
+    for (step, _), m in zip(todo, vals):
+      bad = {k: _value(v) for k, v in m.items() if not math.isfinite(_value(v))}
+      if bad:
+        self._todo = []
+        what = ", ".join(f"{'gradient norm' if k == 'grad_norm' else k} {v}" for k, v in bad.items())
+        raise DivergenceError(f"training diverged: {what} at step {step}{where}", step)
+
+
+def check_eval(metrics: Mapping[str, float], step: int, where: str = ""):
+  """Raises DivergenceError when an evaluation's loss is not finite."""
+  if not math.isfinite(float(metrics["loss"])):
+    raise DivergenceError(f"evaluation loss is {metrics['loss']} at step {step}{where}", step)
+
+
+def finite_state(tree: Any) -> bool:
+  """Whether every floating leaf of a host (numpy) tree is finite."""
+  return all(np.isfinite(x).all() for x in jax.tree.leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def make_workdir(path: str) -> str:
+  """The absolute workdir, created if needed and checked writable; WorkdirError otherwise."""
+  path = os.path.abspath(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise WorkdirError(f"cannot use {path!r} as workdir: {e.strerror or e}"
+                       + (f" ({e.filename})" if e.filename and e.filename != path else "")) from e
+  return path
