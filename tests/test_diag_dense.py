@@ -60,7 +60,7 @@ def test_params_and_collection_layout():
   chex.assert_shape([v["params"]["alpha"], v["params"]["values"], v["params"]["bias"]],
                     [(25,), (25, 10), (10,)])
   np.testing.assert_allclose(v["params"]["alpha"], 1 / 25)
-  assert set(v["dynadiag"]) == {"temperature", "k", "active"}
+  assert set(v["dynadiag"]) == {"temperature", "k", "in_features", "active"}
   assert int(v["dynadiag"]["k"]) == pattern.num_kept(25, 10, 0.6)
 
 

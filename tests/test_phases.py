@@ -63,7 +63,7 @@ def test_freeze_preserves_outputs_and_drops_alpha(rng):
   v2, st2 = dd.freeze(v, st)
   chex.assert_trees_all_close(net.apply(v2, x), y0, atol=1e-5, rtol=1e-5)
   assert set(v2["params"]["a"]) == {"values", "bias"}
-  assert set(v2["dynadiag"]["a"]) == {"offsets"}
+  assert set(v2["dynadiag"]["a"]) == {"offsets", "in_features"}
   chex.assert_shape([v2["params"]["a"]["values"], v2["dynadiag"]["a"]["offsets"]], [(5, 17), (5,)])
   chex.assert_shape([v2["params"]["blk"]["a"]["values"], v2["dynadiag"]["blk"]["a"]["offsets"]],
                     [(12, 11), (12,)])
