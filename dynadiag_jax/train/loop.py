@@ -20,7 +20,7 @@ import optax
 import dynadiag_jax as dd
 from dynadiag_jax import data, methods
 from dynadiag_jax.methods import records
-from dynadiag_jax.train import build, checkpoint, guard, progress
+from dynadiag_jax.train import build, checkpoint, distributed, guard, progress
 from dynadiag_jax.train import state as state_lib
 from dynadiag_jax.train.step import FAST_COMPILE, make_eval_step, make_train_step
 
@@ -39,9 +39,8 @@ def local_devices(config: ml_collections.ConfigDict) -> list[jax.Device]:
 
 
 def maybe_initialize_distributed(config: ml_collections.ConfigDict):
-  """jax.distributed.initialize() when config.distributed (before any other jax call)."""
-  if config.get("distributed") and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  """jax.distributed.initialize when config.distributed (before any other jax call)."""
+  distributed.initialize(config)
 
 
 class _Preemption:
@@ -253,11 +252,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   maybe_initialize_distributed(config)
   run = _start(config)
   workdir = guard.make_workdir(workdir)
+  distributed.check_shared_workdir(workdir)  # multi-host: one filesystem, or a clear error
   devices, lead = run.devices, jax.process_index() == 0
 
   ck = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint.every,
                                config.checkpoint.keep, config.checkpoint.async_save)
-  latest, wall0, carried = ck.latest_step(), 0.0, []
+  latest, wall0, carried = distributed.agree(ck.latest_step()), 0.0, []  # process 0 decides
   if latest is None:
     host = run.fresh()
   else:
@@ -305,6 +305,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           rep.event(step, "preempted")
           rep.message(f"SIGTERM: saved step {step} to {ck.directory}; rerun to resume.")
           rep.close()
+          distributed.finish()
           return None
         if run.phase_due(rstate, step):
           host = state_lib.advance(state_lib.unreplicate(rstate), run.sched, step)
@@ -369,4 +370,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
           f"{summary['stored_params']:,} / dense {summary['dense_params']:,} params  "
           f"{run.steps} steps  {summary['wall_s']:.1f} s  -> {path}", flush=True)
   run.source.close()
+  distributed.finish()
   return summary

@@ -1,0 +1,130 @@
+"""Two train.py processes joined by jax.distributed on 127.0.0.1 (two CPU devices each): a peer
+killed mid-run is reported by the survivor, both restart, and the run ends bitwise equal to an
+uninterrupted two-process run; a workdir that is not shared is a clear error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dynadiag_jax.train import checkpoint, distributed, progress
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 40
+FLAGS = [
+    f"--config.total_steps={STEPS}", "--config.schedule.num_levels=2",
+    "--config.model.hidden=(32,32)", "--config.checkpoint.every=10", "--config.checkpoint.keep=3",
+    "--config.eval_every=0", "--config.log_every=10", "--config.progress_bar=False",
+    "--config.distributed=True",  # (fast_compile=True: its AOT pmap fails multi-process)
+    "--config.cluster.num_processes=2", "--config.cluster.heartbeat_timeout_s=10",
+    "--config.cluster.initialization_timeout_s=60",
+]
+
+
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("DYNADIAG_", "JAX_COORD"))}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONUNBUFFERED="1")
+  return env
+
+
+def _start(workdirs: list[Path], port: int) -> list[subprocess.Popen]:
+  """Process i of 2 with workdir workdirs[i]."""
+  procs = []
+  for i, wd in enumerate(workdirs):
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "digits_mlp.py"),
+           "--workdir", str(wd), *FLAGS, f"--config.cluster.coordinator_address=127.0.0.1:{port}",
+           f"--config.cluster.process_id={i}"]
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str]]:
+  out = []
+  for p in procs:
+    try:
+      _, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      p.kill()
+      _, err = p.communicate()
+    out.append((p.returncode, err))
+  return out
+
+
+def _steps(wd: Path) -> list[int]:
+  d = wd / "checkpoints"
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_two_processes_peer_killed_restart_resumes_bitwise(tmp_path):
+  ref, run = tmp_path / "ref", tmp_path / "run"
+  for rc, err in _finish(_start([ref, ref], _port())):  # uninterrupted
+    assert rc == 0, err[-3000:]
+
+  procs = _start([run, run], _port())
+  try:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not any(s >= 20 for s in _steps(run)):
+      assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+      time.sleep(0.01)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    rc0, err0 = _finish(procs[:1], timeout=60)[0]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert procs[1].wait() == -signal.SIGKILL
+  done = any(s == STEPS for s in _steps(run))
+  if not done:  # the survivor says what happened and how to go on, then exits
+    assert rc0 == distributed.PEER_LOST_EXIT, err0[-3000:]
+    assert "a peer process died" in err0 and "restart every process" in err0, err0[-3000:]
+
+  for rc, err in _finish(_start([run, run], _port())):  # both restart, same command
+    assert rc == 0, err[-3000:]
+  events = [e for e in progress.read_metrics(str(run)) if e.get("event") == "restore"]
+  assert events and all(20 <= e["step"] < STEPS for e in events), events
+  a, meta_a = checkpoint.load(str(ref / "checkpoints"))
+  b, meta_b = checkpoint.load(str(run / "checkpoints"))
+  assert meta_a["step"] == meta_b["step"] == STEPS
+  assert sorted(a) == sorted(b)
+  diff = [k for k in a if np.asarray(a[k]).tobytes() != np.asarray(b[k]).tobytes()]
+  assert not diff, f"leaves differ after resume: {diff[:10]}"
+
+
+def test_workdir_not_shared_is_a_clear_error(tmp_path):
+  res = _finish(_start([tmp_path / "a", tmp_path / "b"], _port()), timeout=120)
+  assert all(rc != 0 for rc, _ in res)
+  err = res[1][1]
+  assert "is not one shared filesystem" in err and "process(es) [1]" in err, err[-3000:]
+
+
+def test_cluster_fields_must_come_together(monkeypatch):
+  import ml_collections
+  for k in distributed.ENV.values():
+    monkeypatch.delenv(k, raising=False)
+  c = ml_collections.ConfigDict({"distributed": True, "cluster": {
+      "coordinator_address": "127.0.0.1:1234", "num_processes": 0, "process_id": -1}})
+  with pytest.raises(distributed.DistributedError, match="DYNADIAG_NUM_PROCESSES"):
+    distributed.cluster_args(c)
+  monkeypatch.setenv("DYNADIAG_NUM_PROCESSES", "2")
+  monkeypatch.setenv("DYNADIAG_PROCESS_ID", "1")
+  assert distributed.cluster_args(c) == {"coordinator_address": "127.0.0.1:1234",
+                                         "num_processes": 2, "process_id": 1}
+  monkeypatch.setenv("DYNADIAG_PROCESS_ID", "2")
+  with pytest.raises(distributed.DistributedError, match="not in"):
+    distributed.cluster_args(c)
