@@ -1,85 +1,146 @@
-"""Measured on this machine: DiagDense (dense backend) against nn.Dense, forward + backward.
+"""Frozen (block-)diagonal layers against nn.Dense on this machine: speed-ups, one run.
 
-    python benchmarks/layers.py [--rows 197] [--repeats 15]
+    python benchmarks/layers.py            # the full table (about 20 min on 2 busy cores)
+    python benchmarks/layers.py --quick    # ViT-B MLP shapes, 1 and 1576 rows, 90 / 99%
 
-For ViT-B shapes at 90% sparsity: one jitted step computing the loss and the gradients
-of params and inputs, for nn.Dense, an exploring DiagDense at K_active = P (the start of
-exploration) and K_active = K (its end), and a frozen DiagDense (K diagonals, offsets
-closed over as in the train step). Variants run interleaved, round-robin, and the table
-gives medians and ratios to nn.Dense from the same run.
+For each kernel shape, row count and mode (forward; forward + backward = the loss, dx and
+the gradients of values and bias), every variant (nn.Dense, and a frozen layer
+`diag_matmul(x, values, offsets) + bias` with offsets closed over as numpy, for each
+sparsity, block and backend) is compiled, then all are timed round-robin, interleaved, and
+the table gives medians as speed-ups over nn.Dense from the same rounds. A timed call
+applies R distinct layers of one shape, unrolled (R = 8 at 1 row, 4 at 8 rows, 1 at 1576),
+so that the ~0.05-0.1 ms of a jitted call's dispatch does not hide a 1-row layer; every
+layer reads its own weight arrays, as successive layers of a model do (a `lax.scan` over
+stacked weights would copy each slice first and triple nn.Dense's memory traffic).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import dynadiag_jax as dd
+from dynadiag_jax import ops, pattern
 
 SHAPES = ((768, 768), (768, 3072), (3072, 768))
 
 
-def _step(model: nn.Module, variables: dict, closed: dict | None = None):
-  """jit(params, x) -> (loss, grads): the work of one training step of one layer."""
-  def loss(params, x, extra):
-    return jnp.mean(model.apply({"params": params, **extra}, x) ** 2)
-
-  if closed is None:
-    extra = {k: v for k, v in variables.items() if k != "params"}
-    return jax.jit(lambda p, x: jax.value_and_grad(loss, argnums=(0, 1))(p, x, extra))
-  return jax.jit(lambda p, x: jax.value_and_grad(loss, argnums=(0, 1))(p, x, closed))
+def layers_per_call(rows: int) -> int:
+  """R: how many layers one timed call applies (enough to dwarf dispatch at few rows)."""
+  return 8 if rows == 1 else 4 if rows < 64 else 1
 
 
-def variants(m: int, n: int, sparsity: float, x: jax.Array):
-  """{name: (fn, params)} for the four layers of one shape."""
-  key = jax.random.PRNGKey(0)
-  out = {}
-  dense = nn.Dense(n)
-  vd = dense.init(key, x)
-  out["nn.Dense"] = (_step(dense, vd), vd["params"])
-  layer = dd.DiagDense(n, sparsity=sparsity, backend="dense")
-  v = layer.init(key, x)
-  v = {**v, "params": {**v["params"], "alpha": jax.random.normal(key, (max(m, n),))}}
-  out["DiagDense K_active=P"] = (_step(layer, dd.set_k_active(v, 1.0)), v["params"])
-  vk = dd.set_k_active(v, 0.0)
-  out["DiagDense K_active=K"] = (_step(layer, vk), vk["params"])
-  frozen, _ = dd.freeze(vk)
-  const = jax.tree.map(np.asarray, {k: x for k, x in frozen.items() if k != "params"})
-  out["DiagDense frozen"] = (_step(layer, frozen, closed=const), frozen["params"])
+def _loss(apply):
+  """loss(params, xs) summed over the R layers (lists of per-layer arrays)."""
+  def loss(params, xs):
+    return sum(jnp.mean(apply(p, x).astype(jnp.float32) ** 2) for p, x in zip(params, xs))
+  return loss
+
+
+def _compiled(apply, mode: str, params, xs):
+  """A jitted call: forward over R layers, or loss with grads of params and x."""
+  if mode == "fwd":
+    fn = jax.jit(lambda ps, xs: [apply(p, x) for p, x in zip(ps, xs)])
+  else:
+    fn = jax.jit(jax.value_and_grad(_loss(apply), argnums=(0, 1)))
+  jax.block_until_ready(fn(params, xs))
+  return fn
+
+
+def variants(m: int, n: int, rows: int, mode: str, sparsities, blocks, backends, seed=0):
+  """{(sparsity, block, backend) or 'nn.Dense': (fn, params, xs)} for one shape and row count."""
+  r = layers_per_call(rows)
+  rng = np.random.default_rng(seed)
+  xs = [jnp.asarray(rng.normal(size=(rows, m)), jnp.float32) for _ in range(r)]
+  bias = [jnp.zeros((n,), jnp.float32) for _ in range(r)]
+  wb = [(jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32), b) for b in bias]
+  out = {"nn.Dense": (_compiled(lambda p, x: x @ p[0] + p[1], mode, wb, xs), wb, xs)}
+  for s in sparsities:
+    for b in blocks:
+      geo = pattern.Geometry(m, n, b)
+      k = pattern.num_kept(m, n, s, b)
+      o = np.sort(rng.choice(geo.P, k, replace=False)).astype(np.int32)
+      vb = [(jnp.asarray(rng.normal(size=geo.values_shape(k)) / np.sqrt(k * b), jnp.float32), b_)
+            for b_ in bias]
+      for be in backends:
+        apply = (lambda be_, o_: lambda p, x: ops.diag_matmul(x, p[0], o_, m, n, be_) + p[1])(be, o)
+        out[(s, b, be)] = (_compiled(apply, mode, vb, xs), vb, xs)
   return out
 
 
-def main() -> None:
+def time_round_robin(vs: dict, repeats: int) -> dict:
+  """Median seconds per variant, all variants timed in turn `repeats` times."""
+  times = {k: [] for k in vs}
+  for _ in range(repeats):
+    for key, (fn, p, xs) in vs.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn(p, xs))
+      times[key].append(time.perf_counter() - t)
+  return {k: statistics.median(t) for k, t in times.items()}
+
+
+def auto_choice(m, n, b, s, rows) -> str:
+  k = pattern.num_kept(m, n, s, b)
+  return ops.resolve_backend("auto", pattern.Geometry(m, n, b), rows, k).name
+
+
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--rows", type=int, default=197, help="rows of x (tokens x batch)")
-  ap.add_argument("--repeats", type=int, default=15)
-  ap.add_argument("--sparsity", type=float, default=0.9)
-  args = ap.parse_args()
-  print(f"{jax.default_backend()} ({jax.device_count()} device), x: {args.rows} rows, "
-        f"sparsity {args.sparsity}, median of {args.repeats} interleaved runs, fwd + bwd\n")
-  head = "| kernel (in x out) | K / P | layer | median ms | vs nn.Dense |"
-  print(head + "\n" + "|---" * (head.count("|") - 1) + "|")
-  for m, n in SHAPES:
-    x = jax.random.normal(jax.random.PRNGKey(1), (args.rows, m))
-    vs = variants(m, n, args.sparsity, x)
-    times = {k: [] for k in vs}
-    for fn, p in vs.values():
-      jax.block_until_ready(fn(p, x))  # compile
-    for _ in range(args.repeats):
-      for k, (fn, p) in vs.items():
-        t = time.perf_counter()
-        jax.block_until_ready(fn(p, x))
-        times[k].append(time.perf_counter() - t)
-    med = {k: statistics.median(t) * 1e3 for k, t in times.items()}
-    kp = f"{dd.pattern.num_kept(m, n, args.sparsity)} / {max(m, n)}"
-    for k, ms in med.items():
-      print(f"| {m}x{n} | {kp} | {k} | {ms:.2f} | {ms / med['nn.Dense']:.2f}x |")
+  ap.add_argument("--quick", action="store_true",
+                  help="ViT-B MLP shapes, rows 1 and 1576, sparsity 0.9 and 0.99, blocks 1 and 64")
+  ap.add_argument("--shapes", default=None, help="e.g. 768x3072,3072x768")
+  ap.add_argument("--rows", default=None, help="e.g. 1,8,1576")
+  ap.add_argument("--sparsity", default=None, help="e.g. 0.9,0.95,0.99")
+  ap.add_argument("--blocks", default=None, help="e.g. 1,16,32,64")
+  ap.add_argument("--backends", default="dense,xla,auto")
+  ap.add_argument("--modes", default="fwd,train", help="fwd and/or train (fwd + bwd)")
+  ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 5)")
+  args = ap.parse_args(argv)
+  q = args.quick
+  shapes = ([tuple(int(a) for a in s.split("x")) for s in args.shapes.split(",")] if args.shapes
+            else [(768, 3072), (3072, 768)] if q else list(SHAPES))
+  rows_l = [int(a) for a in (args.rows or ("1,1576" if q else "1,8,1576")).split(",")]
+  sps = [float(a) for a in (args.sparsity or ("0.9,0.99" if q else "0.9,0.95,0.99")).split(",")]
+  blocks = [int(a) for a in (args.blocks or ("1,64" if q else "1,16,32,64")).split(",")]
+  backends = args.backends.split(",")
+  modes = args.modes.split(",")
+  repeats = args.repeats or (5 if q else 7)
+  for be in backends:
+    ops.check_backend_name(be)
+  print(f"{jax.default_backend()} ({jax.device_count()} device), float32, median of {repeats} "
+        f"interleaved rounds; numbers are speed-ups over nn.Dense (higher is faster)",
+        flush=True)
+  head = ("| kernel | rows | mode | sparsity | K / P | block | nn.Dense ms | "
+          + " | ".join(backends) + " | auto picks |")
+  lines = [head, "|---" * (head.count("|") - 1) + "|"]
+  print("\n".join(lines), flush=True)
+  for m, n in shapes:
+    for rows in rows_l:
+      for mode in modes:
+        t0 = time.perf_counter()
+        print(f"  compiling {m}x{n}, {rows} rows, {mode} ...", file=sys.stderr, flush=True)
+        vs = variants(m, n, rows, mode, sps, blocks, backends)
+        print(f"  timing {len(vs)} variants ({time.perf_counter() - t0:.0f} s to compile) ...",
+              file=sys.stderr, flush=True)
+        med = time_round_robin(vs, repeats)
+        r = layers_per_call(rows)
+        base = med["nn.Dense"]
+        for s in sps:
+          for b in blocks:
+            geo = pattern.Geometry(m, n, b)
+            k = pattern.num_kept(m, n, s, b)
+            cells = [f"{base / med[(s, b, be)]:.2f}x" for be in backends]
+            line = (f"| {m}x{n} | {rows} | {'fwd' if mode == 'fwd' else 'fwd+bwd'} | {s:g} | "
+                    f"{k} / {geo.P} | {b} | {base / r * 1e3:.3f} | " + " | ".join(cells)
+                    + f" | {auto_choice(m, n, b, s, rows)} |")
+            lines.append(line)
+            print(line, flush=True)
+        del vs
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Backends of `diag_matmul` beyond the dense reference: `xla` (structured) and the `auto` rule."""

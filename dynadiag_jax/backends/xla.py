@@ -1,0 +1,302 @@
+"""`xla` backend: (block-)diagonal products in plain XLA, work proportional to K (DESIGN 4, 8).
+
+Blocks (b > 1) run block-leading: x (B, m) is turned once into (M, B, b), so that every
+product is a batched b x b matmul with the block axis leading (no per-call transposes
+inside the dots). With the kernel's (M, N) block grid, two forms cover all products:
+- gather form, out[t] = sum_k a[(o_k + t) % L] @ w[k, t] for t < S: K windows of a
+  (static or dynamic slices of [a, a]), one batched product each, summed;
+- scatter form, out[(o_k + t) % L] += a[t] @ w[k, t]: one batched product per input
+  block for all k at once, then each output block is the sum of the pieces that land on
+  it (frozen: a constant list per block; exploring: K window read-modify-writes).
+Tall kernels (M >= N) run the forward in gather form and dx in scatter form, wide ones the
+other way round; dvalues is a gather form over the rows (x_rows.T @ dy_cols per block).
+
+block = 1 with few rows reads only the K x D values: the forward of a tall kernel is a
+sum of K slices of [x, x] times the values (one fusion); a wide one sums, per output chunk
+of width D, padded pieces of x times values (frozen) or K slices of [x, 0, x, 0] times
+rolled values (exploring, n / m times the work); dx is the forward of the transposed
+pattern. With many rows a GEMM on the scattered W is faster on CPU (measured, see
+README "Speed on CPU"), and block = 1 takes that path from `DENSE_ROWS_B1` rows on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dynadiag_jax import ops, pattern
+from dynadiag_jax.backends.auto import DENSE_ROWS_B1  # b = 1: from here on, x @ densify(W)
+from dynadiag_jax.pattern import Geometry
+
+# blocks: below this many rows the scatter form sums K padded pieces in one fusion.
+_MANY_ROWS = 64
+_F32 = jnp.float32
+
+
+@jax.tree_util.register_static
+class Frozen:
+  """Frozen offsets as numpy: a pytree without leaves, so it stays static in residuals."""
+
+  def __init__(self, o_K):
+    self.o_K = np.asarray(o_K, np.int32)
+    self._key = self.o_K.tobytes()
+
+  def __hash__(self) -> int:
+    return hash(self._key)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, Frozen) and self._key == other._key
+
+
+def prepare(o_K, geo: Geometry, cfg) -> Frozen | jax.Array:
+  """Frozen (numpy) offsets stay constants; traced ones stay int32 arrays."""
+  if isinstance(o_K, np.ndarray):
+    return Frozen(o_K)
+  return jnp.asarray(o_K, jnp.int32)
+
+
+def _starts(pat) -> list:
+  """Each offset as a Python int (frozen) or a traced scalar (exploring)."""
+  if isinstance(pat, Frozen):
+    return [int(p) for p in pat.o_K]
+  return [pat[k] for k in range(pat.shape[0])]
+
+
+def _offsets_np(pat) -> np.ndarray | None:
+  return pat.o_K if isinstance(pat, Frozen) else None
+
+
+def _win(a, start, size: int, axis: int = 0):
+  """a[start : start + size] along `axis`, a constant slice when `start` is an int."""
+  if isinstance(start, int):
+    return jax.lax.slice_in_dim(a, start, start + size, axis=axis)
+  return jax.lax.dynamic_slice_in_dim(a, start, size, axis=axis)
+
+
+def _wrap(a, extra: int, axis: int = 0):
+  """[a, a[:extra]] along `axis`: every window of length extra + 1 lies inside it."""
+  if extra <= 0:
+    return a
+  return jnp.concatenate([a, jax.lax.slice_in_dim(a, 0, extra, axis=axis)], axis=axis)
+
+
+def _out_dtype(*xs):
+  return jnp.result_type(*xs)
+
+
+# -- blocks (b > 1) --------------------------------------------------------------------------
+
+def to_blocks(x_BxM, b: int) -> jax.Array:
+  """(B, m) -> (M, B, b): block-leading, done once per call."""
+  rows, m = x_BxM.shape
+  return x_BxM.reshape(rows, m // b, b).transpose(1, 0, 2)
+
+
+def from_blocks(y_LxBxb) -> jax.Array:
+  """(L, B, b) -> (B, L * b)."""
+  l, rows, b = y_LxBxb.shape
+  return y_LxBxb.transpose(1, 0, 2).reshape(rows, l * b)
+
+
+def _gather_form(a_LxBxb, w_KxSxbxb, starts: list, s: int, prec) -> jax.Array:
+  """out_SxBxb[t] = sum_k a[(o_k + t) % L] @ w[k, t]."""
+  aa = _wrap(a_LxBxb, s - 1)
+  out = None
+  for k, o in enumerate(starts):
+    y = jnp.einsum("tzc,tcd->tzd", _win(aa, o, s), w_KxSxbxb[k], precision=prec,
+                   preferred_element_type=_F32)
+    out = y if out is None else out + y
+  return out
+
+
+@functools.lru_cache(maxsize=256)
+def _landing(key: bytes, s: int, l: int) -> tuple[tuple[tuple[int, int], ...], ...]:
+  """For each output block j < l, the (t, k) with (o_k + t) % l == j (frozen offsets)."""
+  o_K = np.frombuffer(key, np.int32)
+  lists: list[list[tuple[int, int]]] = [[] for _ in range(l)]
+  for k, o in enumerate(o_K):
+    for t in range(s):
+      lists[(int(o) + t) % l].append((t, k))
+  return tuple(tuple(c) for c in lists)
+
+
+def _scatter_form(a_SxBxb, w_KxSxbxb, pat, l: int, prec) -> jax.Array:
+  """y_Bx(L*b): out[(o_k + t) % L] += a[t] @ w[k, t], returned in (B, L * b) layout."""
+  s, rows, b = a_SxBxb.shape
+  k = w_KxSxbxb.shape[0]
+  w_Sxbxq = w_KxSxbxb.transpose(1, 2, 0, 3).reshape(s, b, k * b)
+  z_SxBxq = jnp.einsum("tzc,tcq->tzq", a_SxBxb, w_Sxbxq, precision=prec,
+                       preferred_element_type=_F32)
+  o_np = _offsets_np(pat)
+  if o_np is not None and rows >= _MANY_ROWS:  # each output block: a constant sum of pieces
+    y = jnp.zeros((rows, l * b), _F32)  # written in place, block by block
+    for j, pieces in enumerate(_landing(o_np.tobytes(), s, l)):
+      if pieces:
+        blk = sum(z_SxBxq[t, :, kk * b:(kk + 1) * b] for t, kk in pieces)
+        y = jax.lax.dynamic_update_slice(y, blk, (0, j * b))
+    return y
+  z_SxBxKxb = z_SxBxq.reshape(s, rows, k, b)
+  if o_np is not None:  # few rows: K constant pads summed in one fusion
+    yy = sum(jnp.pad(z_SxBxKxb[:, :, kk], ((int(o), l - int(o)), (0, 0), (0, 0)))
+             for kk, o in enumerate(o_np))
+    return from_blocks(yy[:l].at[:s].add(yy[l:]))
+  yy = jnp.zeros((l + s, rows, b), _F32)
+  for kk, o in enumerate(_starts(pat)):
+    upd = jax.lax.dynamic_slice_in_dim(yy, o, s) + z_SxBxKxb[:, :, kk]
+    yy = jax.lax.dynamic_update_slice_in_dim(yy, upd, o, axis=0)
+  y = yy[:l].at[:s].add(yy[l:])  # windows running past L wrap around
+  return from_blocks(y)
+
+
+def _fwd_blocks(x_BxM, v, pat, geo: Geometry, cfg):
+  xt = to_blocks(x_BxM, geo.block)
+  if geo.M >= geo.N:
+    y = from_blocks(_gather_form(xt, v, _starts(pat), geo.N, cfg.precision))
+  else:
+    y = _scatter_form(xt, v, pat, geo.N, cfg.precision)
+  return y.astype(_out_dtype(x_BxM, v))
+
+
+def _dx_blocks(dy_BxN, v, pat, geo: Geometry, cfg):
+  dyt = to_blocks(dy_BxN, geo.block)
+  v_t = jnp.swapaxes(v, -1, -2)
+  if geo.M >= geo.N:  # dx[(o_k + t) % M] += dy[t] @ v[k, t].T
+    dx = _scatter_form(dyt, v_t, pat, geo.M, cfg.precision)
+  else:  # dx[t] = sum_k dy[(o_k + t) % N] @ v[k, t].T
+    dx = from_blocks(_gather_form(dyt, v_t, _starts(pat), geo.M, cfg.precision))
+  return dx.astype(_out_dtype(dy_BxN, v))
+
+
+def _dv_blocks(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
+  xt, dyt = to_blocks(x_BxM, geo.block), to_blocks(dy_BxN, geo.block)
+  prec = cfg.precision
+  if geo.M >= geo.N:  # dv[k, t] = x[(o_k + t) % M].T @ dy[t]
+    xx = _wrap(xt, geo.N - 1)
+    dv = [jnp.einsum("tzc,tzd->tcd", _win(xx, o, geo.N), dyt, precision=prec,
+                     preferred_element_type=_F32) for o in _starts(pat)]
+  else:  # dv[k, t] = x[t].T @ dy[(o_k + t) % N]
+    dyy = _wrap(dyt, geo.M - 1)
+    dv = [jnp.einsum("tzc,tzd->tcd", xt, _win(dyy, o, geo.M), precision=prec,
+                     preferred_element_type=_F32) for o in _starts(pat)]
+  return jnp.stack(dv)
+
+
+# -- single diagonals (b = 1) ----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=256)
+def _chunk_terms(key: bytes, m: int, n: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
+  """Wide (m < n) frozen pattern: per output chunk of width m, terms (k, lo, length, t0).
+
+  Diagonal k covers output columns o_k .. o_k + m - 1 (mod n) with x index col - o_k;
+  each term is the part of that window inside one chunk, starting at chunk column lo.
+  """
+  o_K = np.frombuffer(key, np.int32)
+  w, chunks = m, -(-n // m)
+  terms: list[list[tuple[int, int, int, int]]] = [[] for _ in range(chunks)]
+  for k, o in enumerate(o_K):
+    o = int(o)
+    pieces = [(o, min(o + m, n), 0)]
+    if o + m > n:
+      pieces.append((0, o + m - n, n - o))
+    for a, e, t0 in pieces:  # output columns [a, e) hold x[t0 : t0 + e - a]
+      for c in range(a // w, (e - 1) // w + 1):
+        lo, hi = max(a, c * w), min(e, (c + 1) * w)
+        terms[c].append((k, lo - c * w, hi - lo, t0 + lo - a))
+  return tuple(tuple(t) for t in terms)
+
+
+def _fwd_b1(x_BxM, v_KxD, pat, m: int, n: int):
+  """y = x @ W for few rows, reading only the K x D values."""
+  if m >= n:  # y = sum_k [x, x][:, o_k : o_k + n] * v[k]
+    # a materialised [x, x]: its slices are plain loads in the one fusion of the sum
+    xx = jax.lax.optimization_barrier(_wrap(x_BxM, n - 1, axis=1))
+    terms = [_win(xx, o, n, axis=1) * v_KxD[k] for k, o in enumerate(_starts(pat))]
+    return sum(terms[1:], terms[0])
+  o_np = _offsets_np(pat)
+  if o_np is not None:  # per chunk of m outputs, a sum of padded pieces
+    out = []
+    for c, terms in enumerate(_chunk_terms(o_np.tobytes(), m, n)):
+      w = min(m, n - c * m)
+      parts = [jnp.pad(x_BxM[:, t0:t0 + ln] * v_KxD[k, t0:t0 + ln], ((0, 0), (lo, w - lo - ln)))
+               for k, lo, ln, t0 in terms]
+      out.append(sum(parts[1:], parts[0]) if parts else
+                 jnp.zeros((x_BxM.shape[0], w), _out_dtype(x_BxM, v_KxD)))
+    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
+  # exploring: y[:, j] = sum_k [x, 0][:, (j - o_k) % n] * v[k, (j - o_k) % n] (0 past m)
+  vz_KxN = jnp.pad(v_KxD, ((0, 0), (0, n - m)))
+  src_KxN = (jnp.arange(n)[None, :] - pat[:, None]) % n
+  vr_KxN = jnp.take_along_axis(vz_KxN, src_KxN, axis=1)
+  xx = _wrap(jnp.pad(x_BxM, ((0, 0), (0, n - m))), n - 1, axis=1)
+  terms = [_win(xx, (n - o) % n, n, axis=1) * vr_KxN[k] for k, o in enumerate(_starts(pat))]
+  return sum(terms[1:], terms[0])
+
+
+def _transposed_b1(v_KxD, pat, m: int, n: int):
+  """(values, pat) of W.T (n, m): rectangular keeps both; square negates and rolls."""
+  if m != n:
+    return v_KxD, pat
+  o_np = _offsets_np(pat)
+  if o_np is not None:
+    v_t = jnp.stack([jnp.roll(v_KxD[k], int(o)) for k, o in enumerate(o_np)])
+    return v_t, Frozen((-o_np) % n)
+  src_KxD = (jnp.arange(n)[None, :] - pat[:, None]) % n
+  return jnp.take_along_axis(v_KxD, src_KxD, axis=1), (-pat) % n
+
+
+def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int):
+  """dv[k, t] = sum_rows x[:, row(k, t)] * dy[:, col(k, t)] from K slices."""
+  if m >= n:
+    xx = _wrap(x_BxM, n - 1, axis=1)
+    g = jnp.stack([_win(xx, o, n, axis=1) for o in _starts(pat)], axis=1)
+    return jnp.einsum("zkt,zt->kt", g, dy_BxN, preferred_element_type=_F32)
+  dyy = _wrap(dy_BxN, m - 1, axis=1)
+  g = jnp.stack([_win(dyy, o, m, axis=1) for o in _starts(pat)], axis=1)
+  return jnp.einsum("zkt,zt->kt", g, x_BxM, preferred_element_type=_F32)
+
+
+def _dense_w(v, pat, geo: Geometry):
+  o = pat.o_K if isinstance(pat, Frozen) else pat
+  return pattern.densify(v, o, geo.m, geo.n, geo.block)
+
+
+def _few(rows: int) -> bool:
+  return rows < DENSE_ROWS_B1
+
+
+# -- the backend -----------------------------------------------------------------------------
+
+def fwd(x_BxM, v, pat, geo: Geometry, cfg):
+  """y = x @ W."""
+  if geo.block > 1:
+    return _fwd_blocks(x_BxM, v, pat, geo, cfg)
+  if _few(x_BxM.shape[0]):
+    return _fwd_b1(x_BxM, v, pat, geo.m, geo.n)
+  return jnp.matmul(x_BxM, _dense_w(v, pat, geo), precision=cfg.precision)
+
+
+def dx(dy_BxN, v, pat, geo: Geometry, cfg):
+  """dx = dy @ W.T."""
+  if geo.block > 1:
+    return _dx_blocks(dy_BxN, v, pat, geo, cfg)
+  if _few(dy_BxN.shape[0]):
+    v_t, pat_t = _transposed_b1(v, pat, geo.m, geo.n)
+    return _fwd_b1(dy_BxN, v_t, pat_t, geo.n, geo.m)
+  return jnp.matmul(dy_BxN, _dense_w(v, pat, geo).T, precision=cfg.precision)
+
+
+def dv(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
+  """dv[k, t] = x_rows.T @ dy_cols, shaped like the values."""
+  if geo.block > 1:
+    return _dv_blocks(x_BxM, dy_BxN, pat, geo, cfg)
+  if _few(x_BxM.shape[0]):
+    return _dv_b1(x_BxM, dy_BxN, pat, geo.m, geo.n)
+  dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, precision=cfg.precision, preferred_element_type=_F32)
+  o = pat.o_K if isinstance(pat, Frozen) else pat
+  return pattern.gather_diagonals(dw_MxN, o, geo.m, geo.n, geo.block)
+
+
+BACKEND = ops.Backend("xla", fwd, dx, dv, prepare)
+ops.register_backend(BACKEND)
