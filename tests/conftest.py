@@ -1,4 +1,4 @@
-"""Test session set-up: four forced CPU devices for pmap tests, fresh random seeds."""
+"""Test session set-up: four forced CPU devices for pmap tests, fresh random seeds, the `slow` mark."""
 
 import os
 
@@ -9,6 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: a long end-to-end run (train.py subprocesses, real models over tens of "
+      "steps). .ci/run runs them; `-m 'not slow'` skips them while developing.")
 
 
 @pytest.fixture

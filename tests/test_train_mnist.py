@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 def _train(workdir: Path, *flags: str) -> tuple[dict, float]:
@@ -26,6 +28,7 @@ def _train(workdir: Path, *flags: str) -> tuple[dict, float]:
   return json.loads((workdir / "summary.json").read_text()), time.monotonic() - t
 
 
+@pytest.mark.slow
 def test_mnist_mlp_sparse_within_3_points_of_dense(tmp_path):
   sparse, t_sparse = _train(tmp_path / "sparse")
   dense, _ = _train(tmp_path / "dense", "--config.sparse=False")

@@ -1,10 +1,11 @@
-"""train.py as a subprocess: SIGKILL / SIGTERM and rerun ends bitwise equal to an uninterrupted run;
-a corrupt checkpoint gives a clear error and is never overwritten."""
+"""train.py as a subprocess: SIGKILL / SIGTERM and rerun ends bitwise equal to an uninterrupted run
+(SIGTERM saves and exits 143); a corrupt checkpoint gives a clear error and is never overwritten."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dynadiag_jax.train import checkpoint, progress
+from dynadiag_jax.train import checkpoint, guard, progress
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, FREEZE = 600, 180  # freeze_fraction 0.3
@@ -57,8 +58,8 @@ def _interrupt(workdir: Path, min_step: int, sig: int) -> int:
     if p.poll() is None:
       p.kill()
   assert p.returncode is not None
-  if sig == signal.SIGTERM:
-    assert p.returncode == 0, err[-3000:]
+  if sig == signal.SIGTERM:  # saved, then a status that tells preemption from completion
+    assert p.returncode == guard.EXIT_PREEMPTED == 143, err[-3000:]
   return p.returncode
 
 
@@ -68,13 +69,14 @@ def _same(a: dict, b: dict):
   assert not diff, f"leaves differ: {diff[:10]}"
 
 
+@pytest.mark.slow
 def test_killed_and_rerun_equals_uninterrupted(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
   r = _run(ref)
   assert r.returncode == 0, r.stderr[-3000:]
   assert _interrupt(run, 10, signal.SIGKILL) == -signal.SIGKILL  # during exploration
   assert _interrupt(run, FREEZE + 10, signal.SIGKILL) == -signal.SIGKILL  # after the freeze
-  _interrupt(run, 400, signal.SIGTERM)  # saves where it stands and exits 0
+  _interrupt(run, 400, signal.SIGTERM)  # saves where it stands and exits 143
   r = _run(run)
   assert r.returncode == 0, r.stderr[-3000:]
 
@@ -102,12 +104,22 @@ def _digest(d: Path) -> dict[str, str]:
           for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("how", ["garble", "truncate"])
-def test_corrupt_checkpoint_is_a_clear_error_and_kept(tmp_path, how):
-  wd = tmp_path / "wd"
-  short = ["--config.total_steps=30", "--config.schedule.freeze_fraction=0.5"]
-  r = subprocess.run(_cmd(wd, *short), cwd=ROOT, capture_output=True, text=True, timeout=300)
+SHORT = ["--config.total_steps=30", "--config.schedule.freeze_fraction=0.5"]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+  """A finished 30-step run through train.py (checkpoints 20 and 30 kept)."""
+  wd = tmp_path_factory.mktemp("short") / "wd"
+  r = subprocess.run(_cmd(wd, *SHORT), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
+  return wd
+
+
+@pytest.mark.parametrize("how", ["garble", "truncate"])
+def test_corrupt_checkpoint_is_a_clear_error_and_kept(short_run, tmp_path, how):
+  wd = tmp_path / "wd"
+  shutil.copytree(short_run, wd)
   assert _steps(wd) == [20, 30]
   for data in (wd / "checkpoints" / "30" / "state").rglob("d/*"):  # the array data files
     size = data.stat().st_size
@@ -118,8 +130,8 @@ def test_corrupt_checkpoint_is_a_clear_error_and_kept(tmp_path, how):
         f.seek(size // 2)
         f.write(bytes(255 - b for b in f.read(64)))
   before = _digest(wd / "checkpoints")
-  r = subprocess.run(_cmd(wd, *short), cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0
+  r = subprocess.run(_cmd(wd, *SHORT), cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == guard.EXIT_ERROR and len(r.stderr.strip().splitlines()) == 1, r.stderr
   assert "CheckpointError" in r.stderr and str(wd / "checkpoints") in r.stderr, r.stderr[-3000:]
   assert "step 30" in r.stderr and "resume from step 20" in r.stderr
   assert _digest(wd / "checkpoints") == before  # nothing written, the good step 20 intact
