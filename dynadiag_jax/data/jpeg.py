@@ -1,10 +1,11 @@
 """Encoded image -> cropped uint8 example, in one pass: the per-example work of ImageNet loading.
 
 Decoding is libjpeg-turbo through `simplejpeg` (PIL for anything it refuses: PNG, CMYK, broken
-files); the crop is a slice of the decoded array and the resize OpenCV's bilinear
-(`INTER_LINEAR`, or `INTER_AREA` when shrinking by more than 1.25x, so that nothing aliases).
-Both release the GIL. The crop boxes come from `augment.rrc_box` / `augment.center_box`, so the
-random choices equal those of the numpy path (`augment.train_transform`) for the same Generator.
+files); the crop is a slice of the decoded array, resized with OpenCV's bilinear (INTER_LINEAR,
+as TF's default tf.image.resize in ImageNet pipelines) or, when shrinking by more than 2x, where
+bilinear would skip pixels, INTER_AREA. Both release the GIL. The crop boxes come from
+`augment.rrc_box` / `augment.center_box`, so the random choices equal those of the numpy path
+(`augment.train_transform`) for the same Generator.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def crop_resize(x_HxWxC: np.ndarray, box: tuple[float, float, float, float],
   if c.shape[:2] == (out, out):
     return np.ascontiguousarray(c)
   shrink = min(c.shape[0], c.shape[1]) / out
-  interp = cv2.INTER_AREA if shrink > 1.25 else cv2.INTER_LINEAR
+  interp = cv2.INTER_AREA if shrink > 2.0 else cv2.INTER_LINEAR
   y = cv2.resize(c, (out, out), interpolation=interp)
   return y if y.ndim == 3 else y[..., None]
 

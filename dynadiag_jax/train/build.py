@@ -93,7 +93,8 @@ def build_model(config: ml_collections.ConfigDict,
   sp = layer_sparsity(config, spec)
   diag = sp if methods.diag_dense(config) else {}  # mask methods: nn.Dense, masked by tx
   factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
-                                      kernel_config=kernel_config(config))
+                                      kernel_config=kernel_config(config),
+                                      gate=config.get("gate", "soft_topk"))
   return models.build(model_config(config, spec), factory), sp
 
 
