@@ -60,13 +60,38 @@ def train_one(config: str, workdir: str, job: tuple, overrides: list[str],
   if os.path.exists(os.path.join(wd, "summary.json")):
     return job, 0
   os.makedirs(wd, exist_ok=True)
+  lock = os.path.join(wd, "run.lock")  # one process per run directory, even across sweeps
+  try:
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  except FileExistsError:
+    pid = int(Path(lock).read_text() or 0)
+    if _alive(pid):
+      return job, 0  # another sweep is running it
+    os.unlink(lock)
+    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+  os.write(fd, str(os.getpid()).encode())
+  os.close(fd)
+  try:
+    return job, _train(config, wd, job, overrides, single_thread)
+  finally:
+    os.unlink(lock)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except (OSError, ValueError):
+    return False
+  return pid > 0
+
+
+def _train(config: str, wd: str, job: tuple, overrides: list[str], single_thread: bool) -> int:
   env = dict(os.environ)
   if single_thread:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD).strip()
   with open(os.path.join(wd, "log.txt"), "a") as log:
-    rc = subprocess.call(command(config, wd, *job, overrides), cwd=ROOT, env=env, stdout=log,
-                         stderr=subprocess.STDOUT)
-  return job, rc
+    return subprocess.call(command(config, wd, *job, overrides), cwd=ROOT, env=env, stdout=log,
+                           stderr=subprocess.STDOUT)
 
 
 def collect(workdir: str, task: str = "") -> list[dict]:

@@ -34,6 +34,7 @@ class TrainState:
   rng: Any
   level: float | None = flax.struct.field(pytree_node=False, default=None)
   frozen: bool = flax.struct.field(pytree_node=False, default=False)
+  gate: str = flax.struct.field(pytree_node=False, default="soft_topk")  # folded at the freeze
 
   @property
   def variables(self) -> dict:
@@ -76,7 +77,7 @@ def set_level(state: TrainState, level: float, k_start_fraction: float) -> Train
 
 def freeze(state: TrainState) -> TrainState:
   """State after the freeze transition: alpha dropped, top-K values and moments kept."""
-  v, opt = dd.freeze(state.variables, state.opt_state)
+  v, opt = dd.freeze(state.variables, state.opt_state, gate=state.gate)
   return _with_variables(state, v, opt_state=_np_tree(opt), level=0.0, frozen=True)
 
 
