@@ -1,10 +1,9 @@
-"""Optax pieces for DynaDiag: l1 on `alpha`, decay masks, and freezing `alpha`."""
+"""Optax pieces for DynaDiag: l1 on `alpha` and decay masks."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,35 +39,12 @@ def add_l1(strength: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-class StopAfterState(NamedTuple):
-  count: chex.Array
-
-
-def stop_after(step: int) -> optax.GradientTransformation:
-  """Zeroes the updates from update number `step` on (alpha is fixed after freezing)."""
-
-  def init(_):
-    return StopAfterState(jnp.zeros([], jnp.int32))
-
-  def update(updates, state, params=None):
-    keep = state.count < step
-    updates = jax.tree.map(lambda u: jnp.where(keep, u, jnp.zeros_like(u)), updates)
-    return updates, StopAfterState(optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(init, update)
-
-
-def wrap(tx: optax.GradientTransformation, l1: float = 0.0,
-         freeze_step: int | None = None) -> optax.GradientTransformation:
-  """tx with an l1 penalty on alpha before it and alpha's updates cut from freeze_step on.
+def wrap(tx: optax.GradientTransformation, l1: float = 0.0) -> optax.GradientTransformation:
+  """tx with an l1 penalty on alpha before it (alpha itself leaves at the freeze).
 
   Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g. optax.adamw) so that
-  alpha is never decayed. Every extra piece is masked by param name to `alpha`.
+  alpha is never decayed. The l1 term is masked by param name to `alpha`.
   """
-  parts = []
-  if l1:
-    parts.append(optax.masked(add_l1(l1), alpha_mask))
-  parts.append(tx)
-  if freeze_step is not None:
-    parts.append(optax.masked(stop_after(freeze_step), alpha_mask))
-  return optax.chain(*parts)
+  if not l1:
+    return tx
+  return optax.chain(optax.masked(add_l1(l1), alpha_mask), tx)

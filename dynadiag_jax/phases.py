@@ -64,22 +64,41 @@ def set_k_active(variables: Mapping[str, Any], level: float,
   """Variables whose layers compute K + round(level * (K_start - K)) diagonals.
 
   `level` comes from `Schedule.level(step)`; the length of `dynadiag/active` is static,
-  so each new level recompiles a jitted step once. Runs on the host.
+  so each new level recompiles a jitted step once. Runs on the host, and reads alpha
+  only from layers whose level changes.
   """
   out = _to_dict(variables)
   for path in exploring_layers(out):
-    alpha = np.asarray(_get(out["params"], path)["alpha"])
     col = _get(out[COLLECTION], path)
     lead = np.shape(col["k"])  # leading axes of replicated (pmap) variables
     k = int(np.asarray(col["k"]).reshape(-1)[0])
+    alpha = _get(out["params"], path)["alpha"]
     ka = schedules.k_active(alpha.shape[-1], k, level, k_start_fraction)
     if col["active"].shape[-1] == ka:
       continue
-    a = alpha.reshape(-1, alpha.shape[-1])[0]
-    act = np.sort(np.argsort(-a, kind="stable")[:ka]).astype(np.int32)
+    a = jnp.asarray(alpha).reshape(-1, alpha.shape[-1])[0]
+    act = np.asarray(gates.topk_indices(a, ka))
     act = jnp.asarray(np.broadcast_to(act, lead + (ka,)))
     out = _replace_at(out, (COLLECTION,) + path, lambda d: {**d, "active": act})
   return out
+
+
+def advance(variables: Mapping[str, Any], opt_state: Any, sched: schedules.Schedule,
+            step: int, gate: str = "soft_topk") -> tuple[dict, Any]:
+  """(variables, opt_state) in the phase `sched` gives `step`: the one way to drive phases.
+
+  Call it before every step s (and once with s = total_steps after the last, which
+  freezes a run whose freeze_step is its length). From freeze_step on it freezes (once;
+  frozen variables pass through); before, it sets the K_active level (host side, only
+  when the level changes) and the temperature of `step`. Un-replicated variables.
+  """
+  if not exploring_layers(variables):
+    return _to_dict(variables), opt_state
+  level, frozen = sched.phase(step)
+  if frozen:
+    return freeze(variables, opt_state, gate)
+  variables = set_k_active(variables, level, sched.k_start_fraction)
+  return set_temperature(variables, sched.temperature(step)), opt_state
 
 
 def _layer_choice(params: Mapping, col: Mapping,
@@ -109,6 +128,8 @@ def _map_state(node, fn, path: Path = ()):
 def freeze(variables: Mapping[str, Any], opt_state: Any = None,
            gate: str = "soft_topk") -> tuple[dict, Any]:
   """(variables, opt_state) after the freeze transition (DESIGN.md section 3).
+
+  Always a pair: the second item is the gathered `opt_state`, or None when none is given.
 
   Every exploring DiagDense keeps the top-K diagonals of alpha, folds their gates into
   `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`

@@ -58,6 +58,10 @@ class Schedule:
     """Whether `step` falls after the freeze transition."""
     return step >= self.freeze_step
 
+  def phase(self, step: int) -> tuple[float, bool]:
+    """(K_active level, frozen) that `step` runs in: what `dynadiag_jax.advance` brings."""
+    return self.level(step), self.is_frozen(step)
+
 
 def k_active(p: int, k: int, level: float, k_start_fraction: float = 1.0) -> int:
   """Diagonals computed at `level`: K + round(level * (K_start - K))."""

@@ -50,13 +50,11 @@ def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 5e-3
   lr_fn = optax.cosine_decay_schedule(lr, steps)
   tx = optax.adamw(lr_fn, weight_decay=1e-4, mask=dd.optim.decay_mask)
   if sched is not None:
-    tx = dd.optim.wrap(tx, l1=0.0, freeze_step=sched.freeze_step)
+    tx = dd.optim.wrap(tx, l1=0.0)  # l1 > 0 adds an l1 penalty on alpha
   opt_state = tx.init(variables["params"])
 
   @jax.jit
-  def step(variables, opt_state, x, y, temperature):
-    variables = dd.set_temperature(variables, temperature)
-
+  def step(variables, opt_state, x, y):
     def loss_fn(params):
       logits = model.apply({**variables, "params": params}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -67,17 +65,13 @@ def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 5e-3
 
   rng = np.random.default_rng(seed)
   order = np.concatenate([rng.permutation(len(x_tr)) for _ in range(steps * batch // len(x_tr) + 1)])
-  for i in range(steps):
-    if sched is not None:
-      if i == sched.freeze_step:
-        variables, opt_state = dd.freeze(variables, opt_state)
-      elif not sched.is_frozen(i):
-        variables = dd.set_k_active(variables, sched.level(i), sched.k_start_fraction)
-    t = sched.temperature(i) if sched is not None else 1.0
+  for i in range(steps + 1):
+    if sched is not None:  # K_active level, temperature; the freeze at sched.freeze_step
+      variables, opt_state = dd.advance(variables, opt_state, sched, i)
+    if i == steps:  # the advance after the last step freezes a run that explored to the end
+      break
     idx = order[i * batch:(i + 1) * batch]
-    variables, opt_state, loss = step(variables, opt_state, x_tr[idx], y_tr[idx], t)
-  if sched is not None and not sched.is_frozen(steps):  # freeze_fraction = 1: freeze at the end
-    variables, _ = dd.freeze(variables)
+    variables, opt_state, loss = step(variables, opt_state, x_tr[idx], y_tr[idx])
   logits = jax.jit(model.apply)(variables, x_te)
   return float((logits.argmax(-1) == y_te).mean()), variables
 

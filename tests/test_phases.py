@@ -95,3 +95,38 @@ def test_freeze_rejects_replicated_state(rng):
   rep = jax.tree.map(lambda a: jnp.stack([a, a]), v)
   with pytest.raises(ValueError, match="un-replicated"):
     dd.freeze(rep)
+
+
+def test_advance_drives_levels_temperature_and_one_freeze(rng):
+  """dd.advance: level and temperature before freeze_step, the freeze once, then nothing."""
+  net, x, v = _setup(rng)
+  sched = dd.Schedule(total_steps=10, freeze_fraction=0.5, k_start_fraction=1.0, num_levels=3)
+  tx = optax.adam(1e-3)
+  st = tx.init(v["params"])
+  seen = []
+  for step in range(11):
+    v, st = dd.advance(v, st, sched, step)
+    frozen = not dd.exploring_layers(v)
+    assert frozen == sched.is_frozen(step)
+    if not frozen:
+      col = v["dynadiag"]["a"]
+      np.testing.assert_allclose(col["temperature"], sched.temperature(step), rtol=1e-6)
+      k, p = int(col["k"]), v["params"]["a"]["alpha"].shape[0]
+      assert col["active"].shape[0] == dd.schedules.k_active(p, k, sched.level(step))
+      seen.append(col["active"].shape[0])
+    else:
+      assert "alpha" not in v["params"]["a"] and "offsets" in v["dynadiag"]["a"]
+      assert "alpha" not in str(jax.tree_util.tree_structure(st))
+  assert seen == sorted(seen, reverse=True) and len(set(seen)) > 1
+
+
+def test_advance_after_the_last_step_freezes_a_run_that_explores_to_the_end(rng):
+  net, x, v = _setup(rng)
+  sched = dd.Schedule(total_steps=4, freeze_fraction=1.0)
+  for step in range(4):
+    v, _ = dd.advance(v, None, sched, step)
+    assert dd.exploring_layers(v)
+  y = net.apply(dd.set_k_active(v, 0.0), x)  # the top-K function the freeze keeps
+  v, st = dd.advance(v, None, sched, 4)
+  assert not dd.exploring_layers(v) and st is None
+  chex.assert_trees_all_close(net.apply(v, x), y, atol=1e-5, rtol=1e-5)

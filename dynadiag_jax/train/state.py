@@ -82,13 +82,12 @@ def freeze(state: TrainState) -> TrainState:
 
 
 def advance(state: TrainState, sched: dd.Schedule, step: int) -> TrainState:
-  """The phase changes due before running `step`: the freeze at freeze_step, else the level."""
-  if not state.sparse or state.frozen:
+  """The phase changes due before running `step` (`dynadiag_jax.advance`), host side."""
+  if not state.sparse or state.frozen or (state.level, False) == sched.phase(step):
     return state
-  if sched.is_frozen(step):
-    return freeze(state)
-  level = sched.level(step)
-  return state if level == state.level else set_level(state, level, sched.k_start_fraction)
+  v, opt = dd.advance(state.variables, state.opt_state, sched, step, gate=state.gate)
+  level, frozen = sched.phase(step)
+  return _with_variables(state, v, opt_state=_np_tree(opt), level=level, frozen=frozen)
 
 
 def at_phase(state: TrainState, level: float | None, frozen: bool,
