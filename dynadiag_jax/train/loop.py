@@ -156,10 +156,9 @@ class Run:
 
   def phase_due(self, rstate: state_lib.TrainState, step: int) -> bool:
     """Whether a K_active level change or the freeze is due before `step`."""
-    s = self.sched
-    if s is None or rstate.frozen:
+    if self.sched is None or rstate.frozen:
       return False
-    return s.is_frozen(step) or s.level(step) != rstate.level
+    return self.sched.phase(step) != (rstate.level, False)
 
 
 def _train_record(run: Run, pending: list[dict], step: int, active: int, frozen: bool,
