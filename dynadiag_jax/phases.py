@@ -8,6 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from dynadiag_jax import gates, schedules
 from dynadiag_jax.diag_dense import COLLECTION
@@ -113,16 +114,32 @@ def _layer_choice(params: Mapping, col: Mapping,
   return np.asarray(gates.topk_indices(alpha, k)), g, alpha.shape[0]
 
 
-def _map_state(node, fn, path: Path = ()):
-  """Rebuilds an optimizer state, calling fn(path, dict) on every dict node first."""
+def _params_like(node: Any, params: Any) -> bool:
+  """Whether `node` has the exact structure of `params`: same keys, leaves of the same shapes
+  (or optax.MaskedNode where a masked transform holds no state)."""
+  if isinstance(params, Mapping):
+    return isinstance(node, Mapping) and set(node) == set(params) and all(
+        _params_like(node[k], params[k]) for k in params)
+  if isinstance(node, optax.MaskedNode):
+    return True
+  return hasattr(node, "shape") and tuple(node.shape) == tuple(np.shape(params))
+
+
+def _gather_state(node: Any, params: Mapping, remap) -> Any:
+  """An optimizer state with every subtree shaped like `params` passed through remap."""
+  if _params_like(node, params):
+    return remap(node)
   if isinstance(node, Mapping):
-    node = fn(path, dict(node))
-    return {k: _map_state(v, fn, path + (k,)) for k, v in node.items()}
+    return {k: _gather_state(v, params, remap) for k, v in node.items()}
   if isinstance(node, tuple) and hasattr(node, "_fields"):
-    return type(node)(*(_map_state(c, fn, path) for c in node))
+    return type(node)(*(_gather_state(c, params, remap) for c in node))
   if isinstance(node, (tuple, list)):
-    return type(node)(_map_state(c, fn, path) for c in node)
+    return type(node)(_gather_state(c, params, remap) for c in node)
   return node
+
+
+def _leaf_paths(tree: Any) -> set[str]:
+  return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def freeze(variables: Mapping[str, Any], opt_state: Any = None,
@@ -135,8 +152,9 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
   `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`
   and `in_features`.
   `gate` names the layers' gate (DiagDense.gate), whose values are folded.
-  Optimizer-state entries shaped like a layer's params (Adam moments, ...) are gathered
-  the same way. Takes un-replicated variables; runs on the host, outside jit.
+  Every subtree of `opt_state` shaped exactly like the params (Adam / SGD moments, also
+  inside optax.masked, chain or inject_hyperparams) is remapped by exact param path the
+  same way; any other state that holds `alpha` raises. Takes un-replicated variables; runs on the host, outside jit.
   """
   out = _to_dict(variables)
   choice: dict[Path, tuple[np.ndarray, int]] = {}
@@ -153,15 +171,28 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
         "offsets": jnp.asarray(idx, jnp.int32),
         **({"in_features": d["in_features"]} if "in_features" in d else {})})
 
-  def gather(path: Path, node: dict) -> dict:
-    hits = [lp for lp in choice if path[len(path) - len(lp):] == lp and len(lp) <= len(path)]
-    if not hits or "alpha" not in node:
-      return node
-    idx, p = choice[max(hits, key=len)]
-    node = {k: v for k, v in node.items() if k != "alpha"}
-    v = node.get("values")
-    if hasattr(v, "shape") and v.ndim >= 1 and v.shape[0] == p:
-      node["values"] = jnp.asarray(v)[idx]
+  if opt_state is None:
+    return out, None
+
+  def remap(node: Mapping) -> dict:
+    """A params-shaped state subtree, remapped by exact param path like the params."""
+    node = _to_dict(node)
+    for path, (idx, _) in choice.items():
+      def layer(d, idx=idx):
+        d = {k: v for k, v in d.items() if k != "alpha"}
+        if not isinstance(d["values"], optax.MaskedNode):
+          d["values"] = jnp.asarray(d["values"])[idx]
+        return d
+      node = _replace_at(node, path, layer)
     return node
 
-  return out, (None if opt_state is None else _map_state(opt_state, gather))
+  old_params = _to_dict(variables)["params"]
+  new_state = _gather_state(opt_state, old_params, remap)
+  alphas = tuple("".join(f"['{k}']" for k in path) + "['alpha']" for path in choice)
+  stale = {p for p in _leaf_paths(new_state) if p.endswith(alphas)}
+  if stale:
+    raise ValueError(f"freeze cannot gather the optimizer state at {sorted(stale)[:3]}: only "
+                     "states that hold trees shaped exactly like the params (Adam / AdamW / "
+                     "SGD momentum / EMA moments, optax.masked / chain / inject_hyperparams "
+                     "wrappers) are supported")
+  return out, new_state

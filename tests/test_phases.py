@@ -130,3 +130,30 @@ def test_advance_after_the_last_step_freezes_a_run_that_explores_to_the_end(rng)
   v, st = dd.advance(v, None, sched, 4)
   assert not dd.exploring_layers(v) and st is None
   chex.assert_trees_all_close(net.apply(v, x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_freeze_remaps_chained_and_masked_states_by_exact_path(rng):
+  net, x, v = _setup(rng)
+  not_alpha = lambda p: jax.tree.map(lambda m: not m, dd.optim.alpha_mask(p))
+  tx = optax.chain(optax.masked(optax.trace(0.9), not_alpha),  # MaskedNode at alpha
+                   optax.inject_hyperparams(optax.adamw)(1e-3, mask=dd.optim.decay_mask))
+  tx = dd.optim.wrap(tx, l1=1e-3)
+  st = tx.init(v["params"])
+  grads = jax.grad(lambda p: net.apply({**v, "params": p}, x).sum())(v["params"])
+  _, st = tx.update(grads, st, v["params"])
+  v2, st2 = dd.freeze(v, st)
+  assert "alpha" not in str(jax.tree_util.tree_structure(st2))
+  # the frozen state steps with the frozen params; trace's momentum was gathered by row
+  _, st3 = tx.update(jax.tree.map(jnp.zeros_like, v2["params"]), st2, v2["params"])
+  o = np.asarray(v2["dynadiag"]["blk"]["a"]["offsets"])
+  old_tr, new_tr = st[1][0].inner_state.trace, st2[1][0].inner_state.trace
+  chex.assert_trees_all_close(new_tr["blk"]["a"]["values"], old_tr["blk"]["a"]["values"][o])
+  chex.assert_trees_all_close(new_tr["head"], old_tr["head"])
+
+
+def test_freeze_refuses_a_state_it_cannot_remap(rng):
+  net, x, v = _setup(rng)
+  tx = optax.adafactor(1e-3, min_dim_size_to_factor=4)  # factored moments: not params-shaped
+  st = tx.init(v["params"])
+  with pytest.raises(ValueError, match="cannot gather the optimizer state"):
+    dd.freeze(v, st)
