@@ -23,19 +23,21 @@ import numpy as np
 
 from dynadiag_jax import pattern
 
-MIN_BLOCK = 16  # a Triton tl.dot needs every dimension >= 16
+MIN_BLOCK = 16   # a Triton tl.dot needs every dimension >= 16
+MAX_BLOCK = 128  # past it a block (or batch tile) outgrows registers and shared memory
+BLOCKS = (16, 32, 64, 128)  # every block size (and batch tile) the kernels accept
 
 
 def check_block(b: Any, what: str = "block size") -> int:
-  """b as int, or ValueError unless it is a power of two >= 16 (Triton's dot needs both)."""
+  """b as int, or ValueError unless it is a power of two in [16, 128] (see BLOCKS)."""
   if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
     raise ValueError(f"{what} must be an int, got {b!r}")
   b = int(b)
-  if b < MIN_BLOCK or b & (b - 1):
+  if b < MIN_BLOCK or b & (b - 1) or b > MAX_BLOCK:
     raise ValueError(
-        f"{what} must be a power of two >= {MIN_BLOCK}, got {b}: Pallas Triton needs "
-        f"power-of-two tensor sizes and tl.dot needs every dimension >= 16 "
-        f"(use 16, 32, 64 or 128)")
+        f"{what} must be a power of two >= {MIN_BLOCK} and <= {MAX_BLOCK}, got {b}: Pallas "
+        f"Triton needs power-of-two tensor sizes, tl.dot needs every dimension >= 16, and "
+        f"larger tiles spill registers or overflow shared memory (use 16, 32, 64 or 128)")
   return b
 
 
@@ -67,9 +69,11 @@ class Layout:
   inv_rows: Any = None
   perm_cols: Any = None  # (n,) or None
   inv_cols: Any = None
+  csr_slot: Any = None   # (S,) slot of CSR entry q; None: slots are in CSR order
+  csr_col: Any = None    # (S,) block column of CSR entry q (with csr_slot)
 
   _ARRAYS = ("row_ptr", "block_col", "block_row", "col_ptr", "csc_slot", "csc_row", "cell",
-             "nnzb", "perm_rows", "inv_rows", "perm_cols", "inv_cols")
+             "nnzb", "perm_rows", "inv_rows", "perm_cols", "inv_cols", "csr_slot", "csr_col")
 
   def tree_flatten(self):
     return tuple(getattr(self, f) for f in self._ARRAYS), (self.m, self.n, self.b)
@@ -92,7 +96,7 @@ class Layout:
 
   @property
   def k(self) -> int:
-    return int(self.cell.shape[0])
+    return int(self.cell.shape[0]) if self.cell is not None else self.num_slots
 
   @property
   def clustered(self) -> bool:
@@ -195,6 +199,33 @@ def jit_layout(o_K, m: int, n: int, block: int = 16, num_slots: int | None = Non
       nnzb=i32(occ.sum()[None]))
 
 
+def block_layout(o_K, m: int, n: int, block: int) -> Layout:
+  """BCSR layout of K block-diagonals of b x b blocks: slot k * D + t is entry (k, t).
+
+  Every stored block is one full entry, so the block data is `values.reshape(K * D, b, b)`
+  (no packing, `cell` is None) and S = K * D exactly. Each block column (row) holds at
+  most K entries; the CSC and CSR indexes are stable sorts of the entries' columns (rows).
+  numpy for concrete offsets, jittable (same static shapes) for traced ones.
+  """
+  b = check_block(block, "block size of a block-diagonal pattern")
+  pattern.check_offsets(o_K, m, n, b)
+  xp = np if isinstance(o_K, np.ndarray) else jnp
+  r_KxD, c_KxD = cells(o_K, m // b, n // b, xp)  # block coordinates on the (M, N) grid
+  row_S = xp.ravel(r_KxD).astype(xp.int32)
+  col_S = xp.ravel(c_KxD).astype(xp.int32)
+  R, C = m // b, n // b
+  zero = xp.zeros((1,), xp.int32)
+  count = (lambda a, k: np.bincount(a, minlength=k)) if xp is np else (
+      lambda a, k: jnp.bincount(a, length=k))
+  ptr = lambda a, k: xp.concatenate([zero, xp.cumsum(count(a, k))]).astype(xp.int32)
+  csc = xp.argsort(col_S, stable=True).astype(xp.int32)
+  csr = xp.argsort(row_S, stable=True).astype(xp.int32)
+  return Layout(
+      m, n, b, row_ptr=ptr(row_S, R), block_col=col_S, block_row=row_S,
+      col_ptr=ptr(col_S, C), csc_slot=csc, csc_row=row_S[csc], cell=None,
+      nnzb=xp.asarray([row_S.shape[0]], xp.int32), csr_slot=csr, csr_col=col_S[csr])
+
+
 def pack(v_KxD, lay: Layout) -> jax.Array:
   """data_SxBxB: the values scattered into their blocks (zeros elsewhere)."""
   if tuple(v_KxD.shape) != tuple(lay.cell.shape):
@@ -228,7 +259,8 @@ def to_dense(data_SxBxB, lay: Layout) -> jax.Array:
 
 def stats(lay: Layout) -> Stats:
   """Blocks used, the fewest possible, the dense grid and the fill of a layout."""
-  nnz, bb = int(np.prod(lay.cell.shape)), lay.b * lay.b
+  bb = lay.b * lay.b
+  nnz = int(np.prod(lay.cell.shape)) if lay.cell is not None else lay.num_slots * bb
   blocks = lay.nnzb[0]
   if isinstance(blocks, np.integer):  # host layout: plain numbers
     blocks = int(blocks)

@@ -14,7 +14,7 @@ from pallas_kernels.bcsr import Layout, cdiv, check_block
 
 
 def _spmm_kernel(ptr_ref, slot_ref, kblk_ref, x_ref, w_ref, y_ref, *, b: int,
-                 transpose: bool):
+                 transpose: bool, precision=None):
   """y tile (bt, b) of output block column j = sum over its blocks of x tile @ block."""
   j = pl.program_id(1)
   dims = (((1,), (1,)), ((), ())) if transpose else (((1,), (0,)), ((), ()))
@@ -23,7 +23,8 @@ def _spmm_kernel(ptr_ref, slot_ref, kblk_ref, x_ref, w_ref, y_ref, *, b: int,
     s, kb = slot_ref[q], kblk_ref[q]
     x_TxB = x_ref[:, pl.ds(pl.multiple_of(kb * b, b), b)]
     w_BxB = w_ref[s]
-    return acc_TxB + lax.dot_general(x_TxB, w_BxB, dims, preferred_element_type=jnp.float32)
+    return acc_TxB + lax.dot_general(x_TxB, w_BxB, dims, precision=precision,
+                                     preferred_element_type=jnp.float32)
 
   acc_TxB = lax.fori_loop(ptr_ref[j], ptr_ref[j + 1], body,
                           jnp.zeros(y_ref.shape, jnp.float32))
@@ -31,7 +32,8 @@ def _spmm_kernel(ptr_ref, slot_ref, kblk_ref, x_ref, w_ref, y_ref, *, b: int,
 
 
 def spmm_padded(ptr, slot, kblk, x_BxK, data_SxBxB, *, n_out_blocks: int, batch_tile: int,
-                transpose: bool = False, interpret: bool = False) -> jax.Array:
+                transpose: bool = False, interpret: bool = False,
+                precision=None) -> jax.Array:
   """y (B, n_out_blocks * b): output block column j sums x[:, kblk[q]] @ data[slot[q]]
   (block transposed if `transpose`) over q in [ptr[j], ptr[j+1]).
 
@@ -43,31 +45,38 @@ def spmm_padded(ptr, slot, kblk, x_BxK, data_SxBxB, *, n_out_blocks: int, batch_
   rows, k = x_BxK.shape
   if rows % batch_tile or k % b:
     raise ValueError(f"x of shape {x_BxK.shape} is not padded to ({batch_tile}, {b}) tiles")
+  name = "bcsr_spmm_t" if transpose else "bcsr_spmm"
+  params = _call.compiler_params(name, b, batch_tile, x_BxK.dtype)  # refuses before XLA
   full = lambda a: pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
   return pl.pallas_call(
-      functools.partial(_spmm_kernel, b=b, transpose=transpose),
+      functools.partial(_spmm_kernel, b=b, transpose=transpose, precision=precision),
       out_shape=jax.ShapeDtypeStruct((rows, n_out_blocks * b), x_BxK.dtype),
       grid=(rows // batch_tile, n_out_blocks),
       in_specs=[full(ptr), full(slot), full(kblk),
                 pl.BlockSpec((batch_tile, k), lambda i, j: (i, 0)), full(data_SxBxB)],
       out_specs=pl.BlockSpec((batch_tile, b), lambda i, j: (i, j)),
       interpret=interpret,
-      compiler_params=_call.compiler_params(),
-      name="bcsr_spmm_t" if transpose else "bcsr_spmm",
+      compiler_params=params,
+      name=name,
   )(ptr, slot, kblk, x_BxK, data_SxBxB)
 
 
 def spmm(x_BxM, data_SxBxB, lay: Layout, *, transpose: bool = False,
-         batch_tile: int | None = None, interpret: bool | None = None) -> jax.Array:
+         batch_tile: int | None = None, interpret: bool | None = None,
+         precision=None) -> jax.Array:
   """x @ W (B, n) from the CSC index, or, with `transpose`, x @ W.T (B, m) from the CSR
-  index of the same blocks. interpret=None: Triton on GPU, interpreted elsewhere."""
+  index of the same blocks. interpret=None: Triton on GPU, interpreted elsewhere;
+  precision: of the block products (None: TF32 for float32 on a GPU, like XLA's default)."""
   b = check_block(lay.b)
   if tuple(data_SxBxB.shape) != (lay.num_slots, b, b):
     raise ValueError(f"block data must have shape {(lay.num_slots, b, b)}, "
                      f"got {tuple(data_SxBxB.shape)}")
   if transpose:
     d_in, d_out, n_in, n_out = lay.n, lay.m, lay.C, lay.R
-    index = (lay.row_ptr, jnp.arange(lay.num_slots, dtype=jnp.int32), lay.block_col)
+    if lay.csr_slot is None:  # slots stored in CSR order
+      index = (lay.row_ptr, jnp.arange(lay.num_slots, dtype=jnp.int32), lay.block_col)
+    else:
+      index = (lay.row_ptr, lay.csr_slot, lay.csr_col)
     perm_in, inv_out = lay.perm_cols, lay.inv_rows
   else:
     d_in, d_out, n_in, n_out = lay.m, lay.n, lay.R, lay.C
@@ -84,7 +93,8 @@ def spmm(x_BxM, data_SxBxB, lay: Layout, *, transpose: bool = False,
   if rows == 0:
     return jnp.zeros((0, d_out), dtype)
   x = jnp.pad(x, ((0, cdiv(rows, bt) * bt - rows), (0, n_in * b - d_in)))
-  fn = functools.partial(spmm_padded, n_out_blocks=n_out, batch_tile=bt, transpose=transpose)
+  fn = functools.partial(spmm_padded, n_out_blocks=n_out, batch_tile=bt, transpose=transpose,
+                         precision=precision)
   y = _call.dispatch(fn, *(jnp.asarray(a, jnp.int32) for a in index), x,
                      data_SxBxB.astype(dtype), interpret=interpret)
   y = y[:rows, :d_out]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 
 import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,3 +52,27 @@ def assert_close(got, want, dtype, seed: int, what: str = "") -> None:
   except AssertionError as e:
     err = float(np.abs(got64 - want64).max()) / max(scale, 1e-30)
     raise AssertionError(f"{what}: max-norm rel. error {err:.3g} > {tol} (seed={seed})\n{e}")
+
+
+def kernel_alone(kind: str, dtype, b: int, bt: int, tag: int = 0):
+  """(f, ShapeDtypeStruct args) of one raw kernel on small padded shapes (4 x 4 blocks,
+  8 + tag slots, 2 + tag batch tiles): for lowering and compile checks of a block x batch
+  tile. Its grid, `kernel_grid(kind, tag)`, tells apart kernels compiled together."""
+  from pallas_kernels import sddmm, spmm
+  s, rows, i32 = 8 + tag, (2 + tag) * bt, jnp.int32
+  sds = jax.ShapeDtypeStruct
+  if kind == "bcsr_sddmm":
+    f = functools.partial(sddmm.sddmm_padded, block=b, batch_tile=bt)
+    return f, (sds((1,), i32), sds((s,), i32), sds((s,), i32), sds((rows, 4 * b), dtype),
+               sds((rows, 4 * b), dtype))
+  if kind not in ("bcsr_spmm", "bcsr_spmm_t"):
+    raise ValueError(f"unknown kernel {kind!r}")
+  f = functools.partial(spmm.spmm_padded, n_out_blocks=4, batch_tile=bt,
+                        transpose=kind == "bcsr_spmm_t")
+  return f, (sds((5,), i32), sds((s,), i32), sds((s,), i32), sds((rows, 4 * b), dtype),
+             sds((s, b, b), dtype))
+
+
+def kernel_grid(kind: str, tag: int = 0) -> tuple[int, int, int]:
+  """The launch grid of `kernel_alone(kind, ..., tag)`."""
+  return (8 + tag, 1, 1) if kind == "bcsr_sddmm" else (2 + tag, 4, 1)

@@ -18,7 +18,7 @@ def rng():
   return np.random.default_rng(fresh_seed())
 
 
-@pytest.mark.parametrize("b", [24, 8, 0, -16, 12, 48])
+@pytest.mark.parametrize("b", [24, 8, 0, -16, 12, 48, 256])
 def test_bad_block_sizes_raise(b):
   with pytest.raises(ValueError, match="power of two >= 16"):
     bcsr.check_block(b)
