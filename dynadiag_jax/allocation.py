@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 
@@ -70,14 +70,3 @@ def allocate(calls: Iterable[LinearCall], sparsity: float, names: Iterable[str],
     weight = np.array([groups[k]["rows"] for k in keys], float)
   dens = _capped_density(weight, size, (1.0 - s) * size.sum())
   return {k: float(min(max(1.0 - d, 0.0), 1.0 - 1e-9)) for k, d in zip(keys, dens)}
-
-
-def budget_report(calls: Iterable[LinearCall], sparsities: Mapping[str, float],
-                  sparsity: float) -> dict[str, float]:
-  """Stored non-zeros of the layers in `sparsities` against the (1 - sparsity) budget."""
-  groups = _group(calls, sparsities)
-  stored = sum(g["count"] * pattern.num_kept(g["m"], g["n"], sparsities[k])
-               * pattern.diag_length(g["m"], g["n"]) for k, g in groups.items())
-  dense = sum(g["count"] * g["m"] * g["n"] for g in groups.values())
-  slack = sum(g["count"] * pattern.diag_length(g["m"], g["n"]) for g in groups.values())
-  return dict(stored=stored, budget=(1.0 - sparsity) * dense, dense=dense, slack=slack)

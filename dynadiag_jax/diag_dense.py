@@ -47,7 +47,7 @@ def effective_init(kernel_init: nn.initializers.Initializer, geo: Geometry,
 
 
 class DiagDense(nn.Module):
-  """y = x @ W + b with W a sum of K selected wrapped (block-)diagonals (DESIGN.md 2, 3, 8).
+  """y = x @ W + b with W a sum of K selected wrapped (block-)diagonals (docs/DESIGN.md 2, 3, 8).
 
   Exploring: params `alpha` (P,), `values` (P, D) or (P, D, b, b), `bias` (n,); collection
   `dynadiag` holds `temperature` (), `k` (), `in_features` () and `active` (K_active,): the layer computes

@@ -44,12 +44,6 @@ def topk_indices(alpha_P: jax.Array, k: int) -> jax.Array:
   return jnp.sort(idx).astype(jnp.int32)
 
 
-def hard_topk(alpha_P: jax.Array, k: int) -> jax.Array:
-  """g_P in {0, 1}: 1 on the k largest entries of alpha, the T -> 0 limit of soft_topk."""
-  idx = topk_indices(alpha_P, k)
-  return jnp.zeros(alpha_P.shape, alpha_P.dtype).at[idx].set(1)
-
-
 BY_NAME = {"soft_topk": soft_topk, "capped_topk": capped_topk}
 
 

@@ -48,3 +48,8 @@ class LayerFactory:
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
                      backend=self.backend, kernel_config=self.kernel_config, gate=self.gate,
                      name=name)
+
+
+def factory_for(linear: LayerFactory, dtype: Any) -> LayerFactory:
+  """`linear` computing in `dtype` when the model sets one, else unchanged."""
+  return linear if dtype is None else linear.replace(dtype=dtype)

@@ -1,4 +1,4 @@
-"""Wrapped-(block-)diagonal geometry of an (m, n) = (in, out) kernel (DESIGN.md sections 2, 8)."""
+"""Wrapped-(block-)diagonal geometry of an (m, n) = (in, out) kernel (docs/DESIGN.md sections 2, 8)."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def _leaf_paths(tree: Any) -> set[str]:
 
 def freeze(variables: Mapping[str, Any], opt_state: Any = None,
            gate: str = "soft_topk") -> tuple[dict, Any]:
-  """(variables, opt_state) after the freeze transition (DESIGN.md section 3).
+  """(variables, opt_state) after the freeze transition (docs/DESIGN.md section 3).
 
   Always a pair: the second item is the gathered `opt_state`, or None when none is given.
 

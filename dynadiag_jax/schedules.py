@@ -10,7 +10,7 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-  """The DynaDiag schedules (DESIGN.md section 3) for a run of `total_steps` steps.
+  """The DynaDiag schedules (docs/DESIGN.md section 3) for a run of `total_steps` steps.
 
   Exploration is steps [0, freeze_step): T follows a cosine t_start -> t_end and the
   number of computed diagonals a cosine from K_start (k_start_fraction * P, at least K)

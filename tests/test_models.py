@@ -1,4 +1,4 @@
-"""Models of issue 4: shapes, which roles are DiagDense, GPT-2 causality, training, parameter counts."""
+"""Models: shapes, which roles are DiagDense, GPT-2 causality, training, parameter counts."""
 
 from __future__ import annotations
 

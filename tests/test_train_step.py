@@ -1,8 +1,6 @@
 """The pmapped train step closes over the frozen pattern (static offsets for the kernels)."""
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,8 +9,7 @@ import pytest
 from dynadiag_jax import ops
 from dynadiag_jax.train import build, state, step
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import digits_mlp  # noqa: E402
+from configs import digits_mlp
 
 
 def test_frozen_step_sees_concrete_offsets(rng):

@@ -1,4 +1,4 @@
-"""Models of issue 4 (MLP, ViT, MLP-Mixer, GPT-2), every linear layer built by a `LayerFactory`."""
+"""Models (MLP, ViT, MLP-Mixer, GPT-2), every linear layer built by a `LayerFactory`."""
 
 from __future__ import annotations
 

@@ -25,11 +25,6 @@ def fused_xavier_uniform(parts: int) -> Initializer:
   return init
 
 
-def factory_for(linear: LayerFactory, dtype: Any) -> LayerFactory:
-  """`linear` computing in `dtype` when the model sets one, else unchanged."""
-  return linear if dtype is None else linear.replace(dtype=dtype)
-
-
 class SelfAttention(nn.Module):
   """Self-attention: one fused 'qkv' linear to 3d, softmax(q k^T / sqrt(dh)) v, 'attn_out' linear.
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax.layers import LayerFactory
-from dynadiag_jax.models.attention import SelfAttention, factory_for
+from dynadiag_jax.layers import factory_for
+from dynadiag_jax.models.attention import SelfAttention
 
 # size -> (num_layers, width, num_heads, context).
 SIZES: dict[str, tuple[int, int, int, int]] = {

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from dynadiag_jax.layers import LayerFactory
-from dynadiag_jax.models.attention import factory_for
+from dynadiag_jax.layers import factory_for
 
 # variant -> (hidden, depth, token_mlp_dim, channel_mlp_dim).
 VARIANTS: dict[str, tuple[int, int, int, int]] = {

@@ -8,8 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dynadiag_jax.layers import LayerFactory
-from dynadiag_jax.models.attention import factory_for
+from dynadiag_jax.layers import LayerFactory, factory_for
 
 
 def hidden_roles(hidden: Sequence[int]) -> tuple[str, ...]:

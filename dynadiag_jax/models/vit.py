@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from dynadiag_jax.layers import LayerFactory
-from dynadiag_jax.models.attention import SelfAttention, factory_for, fused_xavier_uniform
+from dynadiag_jax.layers import factory_for
+from dynadiag_jax.models.attention import SelfAttention, fused_xavier_uniform
 
 # variant -> (width, depth, num_heads); mlp_dim = 4 * width.
 VARIANTS: dict[str, tuple[int, int, int]] = {
