@@ -12,8 +12,8 @@ from configs import common
 def get_config():
   c = common.base()
   c.data.name = "mnist5k"
-  c.model.update(name="vit", variant="Ti", patch_size=7, pool="tok", width=64, depth=2,
-                 num_heads=2, mlp_dim=128, dropout=0.0, dtype=common.dtype())
+  c.model = common.model("vit", variant="Ti", patch_size=7, pool="tok", width=64, depth=2,
+                         num_heads=2, mlp_dim=128, dropout=0.0)
   c.sparsity = 0.9
   c.sparse_layers = ("qkv", "attn_out", "mlp_in", "mlp_out")
   c.allocation = "compute_fraction"

@@ -65,18 +65,19 @@ def test_cli_rejects_unknown_arguments():
     sweep.parse(["--config", "c.py", "--workdir", "w", "--total_steps=3"])
 
 
+@pytest.mark.slow
 def test_real_sweep_runs_once_and_skips_finished(tmp_path):
   cmd = [sys.executable, "-m", "dynadiag_jax.sweep", "--config", "configs/digits_mlp.py",
          "--methods", "static_diag,rigl", "--sparsity", "0.9", "--seeds", "0", "--jobs", "2",
          "--workdir", str(tmp_path), "--config.total_steps=12", "--config.masks.every=4",
          "--config.model.hidden=(32,32)", "--config.log_every=4", "--config.eval_every=0",
          "--config.fast_compile=True", "--config.checkpoint.async_save=False"]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
   sums = sorted(tmp_path.glob("*/s*/seed*/summary.json"))
   assert len(sums) == 2
   stamp = [p.stat().st_mtime_ns for p in sums]
-  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0 and "2 done, 0 to go" in r.stdout
   assert [p.stat().st_mtime_ns for p in sums] == stamp
   assert "| rigl |" in (tmp_path / "results.md").read_text()
