@@ -8,7 +8,7 @@ the gradients of values and bias), every variant (nn.Dense, and a frozen layer
 `diag_matmul(x, values, offsets) + bias` with offsets closed over as numpy, for each
 sparsity, block and backend) is compiled, then all are timed round-robin, interleaved, and
 the table gives medians as speed-ups over nn.Dense from the same rounds. A timed call
-applies R distinct layers of one shape, unrolled (R = 8 at 1 row, 4 at 8 rows, 1 at 1576),
+applies R distinct layers of one shape, unrolled (R = 4 at 1 row, 2 at 8 rows, 1 at 1576),
 so that the ~0.05-0.1 ms of a jitted call's dispatch does not hide a 1-row layer; every
 layer reads its own weight arrays, as successive layers of a model do (a `lax.scan` over
 stacked weights would copy each slice first and triple nn.Dense's memory traffic).
@@ -27,12 +27,12 @@ import numpy as np
 
 from dynadiag_jax import ops, pattern
 
-SHAPES = ((768, 768), (768, 3072), (3072, 768))
+SHAPES = ((768, 3072), (3072, 768), (768, 768))
 
 
 def layers_per_call(rows: int) -> int:
   """R: how many layers one timed call applies (enough to dwarf dispatch at few rows)."""
-  return 8 if rows == 1 else 4 if rows < 64 else 1
+  return 4 if rows == 1 else 2 if rows < 64 else 1
 
 
 def _loss(apply):
@@ -97,7 +97,9 @@ def main(argv=None) -> None:
   ap.add_argument("--rows", default=None, help="e.g. 1,8,1576")
   ap.add_argument("--sparsity", default=None, help="e.g. 0.9,0.95,0.99")
   ap.add_argument("--blocks", default=None, help="e.g. 1,16,32,64")
-  ap.add_argument("--backends", default="dense,xla,auto")
+  ap.add_argument("--backends", default="dense,xla",
+                  help="backends timed; the 'auto' column is the backend auto picks (it "
+                       "dispatches at trace time, so its program is that backend's)")
   ap.add_argument("--modes", default="fwd,train", help="fwd and/or train (fwd + bwd)")
   ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 5)")
   args = ap.parse_args(argv)
@@ -116,7 +118,7 @@ def main(argv=None) -> None:
         f"interleaved rounds; numbers are speed-ups over nn.Dense (higher is faster)",
         flush=True)
   head = ("| kernel | rows | mode | sparsity | K / P | block | nn.Dense ms | "
-          + " | ".join(backends) + " | auto picks |")
+          + " | ".join(backends) + " | auto | auto / best |")
   lines = [head, "|---" * (head.count("|") - 1) + "|"]
   print("\n".join(lines), flush=True)
   for m, n in shapes:
@@ -134,10 +136,14 @@ def main(argv=None) -> None:
           for b in blocks:
             geo = pattern.Geometry(m, n, b)
             k = pattern.num_kept(m, n, s, b)
-            cells = [f"{base / med[(s, b, be)]:.2f}x" for be in backends]
+            up = {be: base / med[(s, b, be)] for be in backends}
+            cells = [f"{up[be]:.2f}x" for be in backends]
+            pick = auto_choice(m, n, b, s, rows)
+            auto = (f"{pick} {up[pick]:.2f}x | {up[pick] / max(up.values()):.2f}" if pick in up
+                    else f"{pick} | -")
             line = (f"| {m}x{n} | {rows} | {'fwd' if mode == 'fwd' else 'fwd+bwd'} | {s:g} | "
                     f"{k} / {geo.P} | {b} | {base / r * 1e3:.3f} | " + " | ".join(cells)
-                    + f" | {auto_choice(m, n, b, s, rows)} |")
+                    + f" | {auto} |")
             lines.append(line)
             print(line, flush=True)
         del vs

@@ -72,7 +72,8 @@ def register_backend(backend: Backend) -> None:
 
 def auto_rule(geo: Geometry | None, rows: int | None, k: int | None, platform: str) -> str:
   """The backend 'auto' picks for this platform, geometry, row count and K."""
-  return "pallas" if platform == "gpu" else "dense"
+  from dynadiag_jax.backends import auto  # pylint: disable=import-outside-toplevel
+  return auto.choose(geo, rows, k, platform)
 
 
 def resolve_backend(name: str, geo: Geometry | None = None, rows: int | None = None,

@@ -38,15 +38,12 @@ def _case(rng, m, n, b, k, rows):
 
 
 def _run(backend, x, v, o, c, m, n, traced):
-  """(y, dx, dv) under jit; offsets closed over as numpy (frozen) or passed in (traced)."""
-  if traced:
-    f = lambda x, v, o: (ops.diag_matmul(x, v, o, m, n, backend=backend) * c).sum()
-    y = jax.jit(lambda x, v, o: ops.diag_matmul(x, v, o, m, n, backend=backend))(x, v, o)
-    dx, dv = jax.jit(jax.grad(f, argnums=(0, 1)))(x, v, jnp.asarray(o))
-    return y, dx, dv
-  f = lambda x, v: (ops.diag_matmul(x, v, o, m, n, backend=backend) * c).sum()
-  y = jax.jit(lambda x, v: ops.diag_matmul(x, v, o, m, n, backend=backend))(x, v)
-  dx, dv = jax.jit(jax.grad(f, argnums=(0, 1)))(x, v)
+  """(y, dx, dv) from one jitted grad; offsets closed over as numpy (frozen) or passed in."""
+  def loss(x, v, o_in):
+    y = ops.diag_matmul(x, v, o_in if traced else o, m, n, backend=backend)
+    return (y * c).sum(), y
+
+  (dx, dv), y = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(x, v, jnp.asarray(o))
   return y, dx, dv
 
 

@@ -5,8 +5,9 @@ this rule sit side by side):
 - block = 1: with few rows (< `xla.DENSE_ROWS_B1`) the dense backend scatters the K
   diagonals into W on every call and loses to `nn.Dense` itself by 4-10x, while `xla`
   reads only the K x D values; with many rows both run one GEMM on the scattered W.
-- block >= 16: `xla`'s batched b x b products beat the dense GEMM while K / P stays below
-  a bound that grows with b (small blocks make small, inefficient products).
+- block >= 16: with few rows `xla` wins for the same reason; with many rows its batched
+  b x b products beat the dense GEMM while K / P stays below a bound that grows with b
+  (small blocks make small, inefficient products).
 GPU is not measured here (no GPU in this project). Assumption, from the roofline of
 `benchmarks/kernels.md`: full-block BCSR (block >= 16) does (1 - s) of the dense
 tensor-core work, so `pallas` there; block = 1 with learned (scattered) offsets touches
@@ -18,7 +19,7 @@ from __future__ import annotations
 from dynadiag_jax.pattern import Geometry
 
 # block b -> largest K / P at which `xla` beats `dense` on CPU (measured, b >= 16).
-CPU_XLA_MAX_DENSITY = {16: 0.02, 32: 0.15, 64: 0.3, 128: 0.4}
+CPU_XLA_MAX_DENSITY = {16: 0.03, 32: 0.15, 64: 0.3, 128: 0.4}
 DENSE_ROWS_B1 = 64  # mirrors backends.xla.DENSE_ROWS_B1 (b = 1: from here on, a GEMM)
 
 
@@ -34,6 +35,8 @@ def choose(geo: Geometry | None, rows: int | None, k: int | None, platform: str)
     return "pallas" if geo is None or geo.block >= 16 else "dense"
   if geo is None or rows is None or k is None:
     return "dense"
+  if rows < DENSE_ROWS_B1:
+    return "xla"
   if geo.block == 1:
-    return "xla" if rows < DENSE_ROWS_B1 else "dense"
+    return "dense"
   return "xla" if k / geo.P <= _max_density(geo.block) else "dense"

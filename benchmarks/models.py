@@ -1,0 +1,145 @@
+"""A whole ViT with DiagDense layers against the dense ViT on this machine, one run.
+
+    python benchmarks/models.py                  # ViT-S/16, 224 px, 90%, block 64
+    python benchmarks/models.py --quick          # depth 4, batch 4
+
+Every linear layer of the encoder blocks (qkv, attn_out, mlp_in, mlp_out) is a DiagDense
+at the given sparsity and block (each layer the largest valid block up to it), backend
+`auto`; the head, patch embedding and norms stay dense. Measured, interleaved round-robin,
+medians: inference images/s (jitted forward, train=False) and train steps/s (loss, grads,
+AdamW update) for the dense ViT, the sparse ViT while exploring (K_active = K, offsets
+traced from alpha) and after the freeze (offsets closed over as constants, as the training
+loop does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import dynadiag_jax as dd
+from dynadiag_jax.diag_dense import COLLECTION
+from dynadiag_jax.layers import LayerFactory
+from dynadiag_jax.models.vit import ViT
+
+LINEARS = ("qkv", "attn_out", "mlp_in", "mlp_out")
+
+
+def _split(variables):
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  return params, rest
+
+
+def _infer(model, rest, closed: bool):
+  """jit(params, [rest,] x) -> logits; frozen offsets closed over when `closed`."""
+  if closed:
+    const = jax.tree.map(np.asarray, rest)
+    return jax.jit(lambda p, x: model.apply({"params": p, **const}, x))
+  return jax.jit(lambda p, x: model.apply({"params": p, **rest}, x))
+
+
+def _train(model, rest, closed: bool, tx):
+  """jit(params, opt_state, x, y) -> (params, opt_state, loss): one AdamW step."""
+  const = jax.tree.map(np.asarray, rest) if closed else None
+
+  def step(p, s, x, y, cols):
+    def loss(p):
+      logits = model.apply({"params": p, **cols}, x, train=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    val, g = jax.value_and_grad(loss)(p)
+    upd, s = tx.update(g, s, p)
+    return optax.apply_updates(p, upd), s, val
+
+  if closed:
+    return jax.jit(lambda p, s, x, y: step(p, s, x, y, const))
+  return jax.jit(lambda p, s, x, y: step(p, s, x, y, rest))
+
+
+def build(variant: str, depth: int | None, sparsity: float, block: int, image: int,
+          batch: int, key):
+  """{name: (kind, fn, state)}: inference and train variants, each compiled once."""
+  x = jax.random.normal(key, (batch, image, image, 3), jnp.float32)
+  y = jax.random.randint(key, (batch,), 0, 1000)
+  tx = optax.adamw(1e-4)
+  dense = ViT(variant, depth=depth, num_classes=1000)
+  fac = LayerFactory.from_dict({n: sparsity for n in LINEARS}, block=block, backend="auto")
+  sparse = ViT(variant, depth=depth, num_classes=1000, linear=fac)
+  vd = dense.init(key, x[:1])
+  ve = sparse.init(key, x[:1])
+  p_e, r_e = _split(ve)
+  # exploring near its end: K_active = K, alpha learned (random here), offsets traced
+  p_e = jax.tree_util.tree_map_with_path(
+      lambda path, a: jax.random.normal(key, a.shape) if path[-1].key == "alpha" else a, p_e)
+  ve = dd.set_k_active({"params": p_e, **r_e}, 0.0)
+  vf, _ = dd.freeze(ve)
+  out = {}
+  for name, model, v, closed in (("dense", dense, vd, False), ("exploring", sparse, ve, False),
+                                 ("frozen", sparse, vf, True)):
+    p, rest = _split(v)
+    if name != "exploring":
+      out[f"infer {name}"] = ("infer", _infer(model, rest, closed), [p, x])
+    st = _train(model, rest, closed, tx)
+    out[f"train {name}"] = ("train", st, [p, tx.init(p), x, y])
+  return out
+
+
+def _call(kind, fn, state):
+  if kind == "infer":
+    return fn(*state)
+  p, s, x, y = state
+  p, s, val = fn(p, s, x, y)
+  state[0], state[1] = p, s
+  return val
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="depth 4, batch 4, 3 rounds")
+  ap.add_argument("--variant", default="S", help="ViT variant (Ti, S, B, ...)")
+  ap.add_argument("--sparsity", type=float, default=0.9)
+  ap.add_argument("--block", type=int, default=64)
+  ap.add_argument("--batch", type=int, default=None, help="images per call (default 8)")
+  ap.add_argument("--image", type=int, default=224)
+  ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
+  args = ap.parse_args(argv)
+  depth = 4 if args.quick else None
+  batch = args.batch or (4 if args.quick else 8)
+  repeats = args.repeats or (3 if args.quick else 5)
+  key = jax.random.PRNGKey(0)
+  print(f"  building and compiling ViT-{args.variant}/16 ...", file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+  vs = build(args.variant, depth, args.sparsity, args.block, args.image, batch, key)
+  for name, (kind, fn, st) in vs.items():
+    jax.block_until_ready(_call(kind, fn, st))
+    print(f"  compiled {name} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+  times = {k: [] for k in vs}
+  for r in range(repeats):
+    for name, (kind, fn, st) in vs.items():
+      t = time.perf_counter()
+      jax.block_until_ready(_call(kind, fn, st))
+      times[name].append(time.perf_counter() - t)
+    print(f"  round {r + 1} / {repeats}", file=sys.stderr, flush=True)
+  med = {k: statistics.median(t) for k, t in times.items()}
+  print(f"{jax.default_backend()}, ViT-{args.variant}/16{f' depth {depth}' if depth else ''}, "
+        f"{args.image} px, batch {batch}, float32, sparsity {args.sparsity:g} in qkv / attn_out / "
+        f"mlp_in / mlp_out, block {args.block}, backend auto, median of {repeats} interleaved rounds\n")
+  print("| model | inference images/s | vs dense | train steps/s | vs dense |")
+  print("|---|---|---|---|---|")
+  for name in ("dense", "exploring", "frozen"):
+    inf = med.get(f"infer {name}")
+    tr = med[f"train {name}"]
+    i_cell = (f"{batch / inf:.2f} | {med['infer dense'] / inf:.2f}x" if inf is not None
+              else "- | -")
+    print(f"| {name} | {i_cell} | {1 / tr:.3f} | {med['train dense'] / tr:.2f}x |")
+
+
+if __name__ == "__main__":
+  main()
