@@ -12,8 +12,12 @@ ILSVRC2012 tars into a temp dir, prepares them with `python -m dynadiag_jax.data
 2. end to end, as train.py gets it: images/s of `data.batches` for each worker count (0: a
    thread in this process), against the original path (tfds's PIL decode + PIL crop in 8
    threads, float32 normalization and mixup in the producer thread). Configurations take turns
-   (`--rounds`), each timed after its workers are up; medians.
-Prints the machine's load before and after: other work on the cores lowers every number.
+   (`--rounds`), each timed after its workers are up; medians. Also the CPU time all
+   processes spent per image, and from it the rate on idle cores for worker counts that
+   can use them all (the pipeline's workers are independent, so it scales with processes
+   until the cores run out).
+Prints the machine's load before and after: other work on the cores lowers the measured
+images/s (not the CPU ms per image, which is what the idle-core column is made from).
 """
 
 from __future__ import annotations
@@ -107,17 +111,32 @@ def stages(data_dir: str, augment, batch: int) -> list[tuple[str, float]]:
   ]
 
 
-def _rate(it, batch: int, num: int) -> float:
-  """Images/s over `num` batches of an iterator already past its first batch."""
-  t = time.perf_counter()
+def _cpu_s() -> float:
+  """CPU seconds used so far by this process and its live children (the workers)."""
+  import psutil  # pylint: disable=g-import-not-at-top
+  me = psutil.Process()
+  total = 0.0
+  for p in [me, *me.children(recursive=True)]:
+    try:
+      t = p.cpu_times()
+      total += t.user + t.system
+    except psutil.Error:
+      pass
+  return total
+
+
+def _rate(it, batch: int, num: int) -> tuple[float, float]:
+  """(images/s, CPU ms per image over all processes) over `num` batches of a running iterator."""
+  t, c = time.perf_counter(), _cpu_s()
   for _ in range(num):
     next(it)
-  return num * batch / (time.perf_counter() - t)
+  wall, cpu = time.perf_counter() - t, _cpu_s() - c
+  return num * batch / wall, cpu / (num * batch) * 1e3
 
 
 def end_to_end(data_dir: str, augment, batch: int, num: int, workers: list[int],
-               rounds: int) -> dict[str, list[float]]:
-  """{configuration: [images/s per round]}."""
+               rounds: int) -> dict[str, list[tuple[float, float]]]:
+  """{configuration: [(images/s, CPU ms per image) per round]}."""
   from dynadiag_jax import data  # pylint: disable=g-import-not-at-top
   fast = data.ImageSource("imagenet2012", data_dir, image_size=224, num_workers=0)
   old = data.ImageSource("imagenet2012", data_dir, image_size=224, num_workers=8, decoder="pil")
@@ -129,7 +148,7 @@ def end_to_end(data_dir: str, augment, batch: int, num: int, workers: list[int],
     name = "grain, in-process thread" if w == 0 else f"grain, {w} worker process{'es' * (w > 1)}"
     configs[name] = (lambda w: lambda s: data.batches(fast, start_step=s, raw=True, workers=w,
                                                       prefetch=2, **kw))(w)
-  out: dict[str, list[float]] = {k: [] for k in configs}
+  out: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
   for r in range(rounds):
     for name, make in configs.items():
       it = make(1000 * r)
@@ -140,7 +159,8 @@ def end_to_end(data_dir: str, augment, batch: int, num: int, workers: list[int],
       finally:
         if hasattr(it, "close"):
           it.close()
-      print(f"  round {r}: {name}: {out[name][-1]:.0f} images/s", flush=True)
+      print(f"  round {r}: {name}: {out[name][-1][0]:.0f} images/s, "
+            f"{out[name][-1][1]:.2f} CPU ms / image", flush=True)
   return out
 
 
@@ -169,13 +189,16 @@ def main():
   print("| stage (one process) | CPU ms / image | images/s per core |\n|---|---|---|")
   for name, ms in st:
     print(f"| {name} | {ms:.2f} | {1e3 / ms:.0f} |")
-  base = statistics.median(next(iter(e2e.values())))
-  print(f"\n| end to end (data.batches) | images/s (median of {a.rounds}) | vs original |"
-        "\n|---|---|---|")
-  for name, rates in e2e.items():
-    m = statistics.median(rates)
-    print(f"| {name} | {m:.0f} | {m / base:.2f}x |")
-
+  med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v))
+         for k, v in e2e.items()}
+  base = next(iter(med.values()))
+  print(f"\n| end to end (data.batches) | images/s measured (median of {a.rounds}) | vs original "
+        f"| CPU ms / image, all processes | {cores} idle cores: {cores} x 1000 / CPU ms |"
+        "\n|---|---|---|---|---|")
+  for name, (rate, ms) in med.items():
+    parallel = name.endswith("processes") and int(name.split()[1]) >= cores
+    proj = f"{cores * 1e3 / ms:.0f}" if parallel else "-"
+    print(f"| {name} | {rate:.0f} | {rate / base[0]:.2f}x | {ms:.2f} | {proj} |")
 
 if __name__ == "__main__":
   main()
