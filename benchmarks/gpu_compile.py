@@ -3,8 +3,10 @@
     python benchmarks/gpu_compile.py [--shape 768x3072] [--sparsity 0.9] [--rows 1576]
                                      [--tile N] [--blocks 16,32,64,128]
 
-For each dtype x BCSR block: value_and_grad of `diag_matmul(..., backend="pallas")` on
-one layer (random offsets closed over, so the exact frozen layout) is compiled for the
+For diagonals in BCSR blocks of b, and for block-diagonal patterns of b x b blocks
+(`DiagDense(block=b)`), each dtype x b: value_and_grad of `diag_matmul(...,
+backend="pallas")` on one layer (random offsets closed over: the exact frozen layout) is
+compiled for the
 H100 target through XLA and Triton (`pallas_kernels.aot`); per kernel it prints the grid,
 threads, pipeline stages, shared memory (XLA's thunk sequence), registers and spills
 (`ptxas -v`), the MMA instruction and the PTX size. Runs itself in the compile venv of
@@ -50,16 +52,17 @@ def mma_summary(instr: str) -> str:
 
 
 def rows_for(m: int, n: int, sparsity: float, rows: int, dtype: str, block: int, tile,
-             device) -> list[str]:
+             device, block_diagonal: bool) -> list[str]:
+  """Table rows of one compile: diagonals in BCSR blocks of `block`, or block-diagonals."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from dynadiag_jax import ops, pattern
   from pallas_kernels import _call, aot
-  k = pattern.num_kept(m, n, sparsity)
-  o = np.sort(np.random.default_rng(0).choice(pattern.num_diagonals(m, n), k,
-                                               replace=False)).astype(np.int32)
-  cfg = ops.KernelConfig(bcsr_block=block, batch_tile=tile)
+  geo = pattern.Geometry(m, n, block if block_diagonal else 1)
+  k = pattern.num_kept(m, n, sparsity, geo.block)
+  o = np.sort(np.random.default_rng(0).choice(geo.P, k, replace=False)).astype(np.int32)
+  cfg = ops.KernelConfig(bcsr_block=16 if block_diagonal else block, batch_tile=tile)
 
   def loss(x, v):
     y = ops.diag_matmul(x, v, o, m, n, "pallas", kernel=cfg)
@@ -67,14 +70,15 @@ def rows_for(m: int, n: int, sparsity: float, rows: int, dtype: str, block: int,
 
   sds = lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype))
   reps = aot.compile_kernels(jax.value_and_grad(loss, argnums=(0, 1)),
-                             sds((rows, m)), sds((k, pattern.diag_length(m, n))), device=device)
+                             sds((rows, m)), sds(geo.values_shape(k)), device=device)
+  what = f"block-diagonal, b = {block}" if block_diagonal else f"diagonals, BCSR {block}"
   bt = _call.batch_tile(rows, tile)
   out = []
   for r in sorted(reps, key=lambda r: ("bcsr_spmm", "bcsr_spmm_t", "bcsr_sddmm").index(r.name)):
     p = _call.compiler_params(r.name, block, bt, jnp.dtype(dtype))
     grid = "x".join(str(g) for g in r.grid if g > 1) or "1"
     mma = mma_summary(r.mma)
-    out.append(f"| {r.name} | {dtype} | {block} | {bt} | {grid} | {r.threads} | "
+    out.append(f"| {what} | {r.name} | {dtype} | {block} | {bt} | {grid} | {r.threads} | "
                f"{p.num_stages} | {r.smem / 1024:.0f} KiB | {r.registers} | {r.spill_bytes} | "
                f"{mma} | {r.ptx_lines} |")
   return out
@@ -94,14 +98,16 @@ def main() -> int:
   m, n = (int(s) for s in a.shape.split("x"))
   dev = aot.target_device()
   print(f"H100 (sm_90a) compile of value_and_grad(diag_matmul) at {m}x{n}, "
-        f"{a.sparsity:.0%} sparsity, {a.rows} rows, random offsets (exact layout)\n")
-  print("| kernel | dtype | block | batch tile | grid | threads | stages | shared mem | "
-        "registers | spill bytes | MMA | PTX lines |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-  for dtype in ("float32", "bfloat16"):
-    for b in (int(s) for s in a.blocks.split(",")):
-      for line in rows_for(m, n, a.sparsity, a.rows, dtype, b, a.tile, dev):
-        print(line, flush=True)
+        f"{a.sparsity:.0%} sparsity, {a.rows} rows, random offsets (exact layout), "
+        f"grid = batch tiles x output block columns (SpMM) or stored blocks (SDDMM)\n")
+  print("| pattern | kernel | dtype | block | batch tile | grid | threads | stages | "
+        "shared mem | registers | spill bytes | MMA | PTX lines |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for block_diagonal in (False, True):
+    for dtype in ("float32", "bfloat16"):
+      for b in (int(s) for s in a.blocks.split(",")):
+        for line in rows_for(m, n, a.sparsity, a.rows, dtype, b, a.tile, dev, block_diagonal):
+          print(line, flush=True)
   return 0
 
 

@@ -27,6 +27,7 @@ from pallas_kernels import _call, bcsr  # noqa: E402
 SHAPES = ((768, 768), (768, 3072), (3072, 768))
 SPARSITIES = (0.6, 0.8, 0.9, 0.95, 0.99)
 SWEEP = ((16, 32, 64), (0.9, 0.99))  # block sizes x sparsities of the second table
+BLOCK_SIZES, BLOCK_SPARSITIES = (16, 32, 64, 128), (0.9, 0.95, 0.99)  # third table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,10 @@ def gpu_timer():
   def timed(lay, o, m, n, rows):
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (rows, m), jnp.bfloat16)
-    v = jax.random.normal(key, (len(o), min(m, n)), jnp.bfloat16)
-    data = bcsr.pack(v, lay)
-    w = pattern.densify(v, o, m, n)
+    b = 1 if lay.cell is not None else lay.b  # block-diagonal layouts: values are blocks
+    v = jax.random.normal(key, pattern.Geometry(m, n, b).values_shape(len(o)), jnp.bfloat16)
+    data = bcsr.pack(v, lay) if b == 1 else v.reshape(-1, lay.b, lay.b)
+    w = pattern.densify(v, o, m, n, b)
     t_s = bench(jax.jit(lambda x, d: spmm.spmm(x, d, lay)), x, data)
     t_d = bench(jax.jit(lambda x, w: x @ w), x, w)
     return t_d / t_s
@@ -98,7 +100,7 @@ def speedups(lay, o, rows_list, gpu: Gpu, timer) -> list[str]:
   """Estimated (and, on a GPU, measured) dense / BCSR forward time for each row count."""
   st, cells = bcsr.stats(lay), []
   for rows in rows_list:
-    bt = _call.batch_tile(rows)
+    bt = _call.batch_tile(rows)  # the automatic tile (<= 64)
     est = dense_time(rows, lay.m, lay.n, gpu) / bcsr_time(rows, lay.m, lay.n, st.blocks,
                                                            lay.b, bt, gpu)
     cells.append(f"{est:.2f}x" + (f" [{timer(lay, o, lay.m, lay.n, rows):.2f}x]"
@@ -181,6 +183,18 @@ def main(argv=None) -> None:
         for bb in blocks:
           lay = bcsr.host_layout(o, m, n, bb)
           print(row(lay, s, kind, "plain", speedups(lay, o, rows_list, gpu, timer)))
+  print("\nBlock-diagonal patterns (DESIGN.md section 8, `DiagDense(block=b)`): K "
+        "block-diagonals of b x b blocks, random offsets; the layout is the pattern "
+        "(every stored block full, no conversion)\n")
+  print(header(batches))
+  for m, n in SHAPES:
+    for s in BLOCK_SPARSITIES:
+      for bb in BLOCK_SIZES:
+        geo = pattern.Geometry(m, n, bb)
+        o = np.sort(rng.choice(geo.P, pattern.num_kept(m, n, s, bb),
+                               replace=False)).astype(np.int32)
+        lay = bcsr.block_layout(o, m, n, bb)
+        print(row(lay, s, "random", "none", speedups(lay, o, rows_list, gpu, timer)))
   print(f"\n({time.perf_counter() - t_start:.0f} s)")
 
 

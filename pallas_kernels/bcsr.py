@@ -96,7 +96,9 @@ class Layout:
 
   @property
   def k(self) -> int:
-    return int(self.cell.shape[0]) if self.cell is not None else self.num_slots
+    if self.cell is None:  # block-diagonal layout: S = K * D slots
+      return self.num_slots // min(self.R, self.C)
+    return int(self.cell.shape[0])
 
   @property
   def clustered(self) -> bool:

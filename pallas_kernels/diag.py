@@ -1,5 +1,10 @@
 """The `pallas` backend of `dynadiag_jax.ops.diag_matmul`: BCSR SpMM, SpMM^T and SDDMM.
 
+Block-diagonal patterns (block b in 16..128) are their own BCSR layout: every stored block
+is one full (k, t) entry, the block data is `values.reshape(K * D, b, b)` (no conversion)
+and only the index is computed from the offsets (`bcsr.block_layout`). Block-1 patterns
+(the paper's diagonals) are converted to BCSR blocks of `KernelConfig.bcsr_block`.
+
 Importing this module registers `ops.Backend("pallas", fwd, dx, dv, prepare)`; the
 custom_vjp in ops wires them into jit, grad, vmap and pmap, and converts the pattern to
 BCSR once per call (`prepare`): the forward and both backward products share it. Offsets
@@ -36,30 +41,60 @@ def layout_for(o_K, m: int, n: int, cfg: KernelConfig = KernelConfig()) -> bcsr.
   return _host_layout(o_K.tobytes(), m, n, cfg.bcsr_block, cfg.cluster)
 
 
+@functools.lru_cache(maxsize=256)
+def _host_block_layout(key: bytes, m: int, n: int, block: int) -> bcsr.Layout:
+  return bcsr.block_layout(np.frombuffer(key, np.int32).copy(), m, n, block)
+
+
+def block_layout_for(o_K, geo: Geometry) -> bcsr.Layout:
+  """The layout of a block-diagonal pattern (block >= 16): numpy (cached) for concrete
+  offsets, jittable for traced ones; the same shapes either way (S = K * D)."""
+  if isinstance(o_K, jax.core.Tracer):
+    return bcsr.block_layout(o_K, geo.m, geo.n, geo.block)
+  o_K = np.ascontiguousarray(np.asarray(o_K), np.int32)
+  return _host_block_layout(o_K.tobytes(), geo.m, geo.n, geo.block)
+
+
 def _check_geometry(geo: Geometry) -> None:
-  if geo.block != 1:
-    raise ValueError(f"the pallas backend takes block-1 patterns; got block {geo.block} for a "
-                     f"{geo.m}x{geo.n} kernel (use backend='dense' or 'xla' for blocks)")
+  b = geo.block
+  if b != 1 and (b < bcsr.MIN_BLOCK or b > bcsr.MAX_BLOCK or b & (b - 1)):
+    raise ValueError(
+        f"the pallas backend takes block 1 or a block-diagonal block of 16, 32, 64 or 128 "
+        f"(Triton's tl.dot needs power-of-two tiles >= 16); got block {b} for a "
+        f"{geo.m}x{geo.n} kernel: use backend='xla' or 'dense' for it")
 
 
 def _prepare(o_K, geo: Geometry, cfg: KernelConfig) -> bcsr.Layout:
   _check_geometry(geo)
+  if geo.block > 1:
+    return block_layout_for(o_K, geo)
   return layout_for(o_K, geo.m, geo.n, cfg)
 
 
-def _fwd(x_BxM, v_KxD, lay, geo, cfg):
-  return spmm.spmm(x_BxM, bcsr.pack(v_KxD, lay), lay, batch_tile=cfg.batch_tile,
-                   interpret=cfg.interpret)
+def _data(v, lay: bcsr.Layout, geo: Geometry):
+  """Block data (S, b, b): the values themselves for blocks, packed for diagonals."""
+  if geo.block > 1:
+    return v.reshape(-1, geo.block, geo.block)
+  return bcsr.pack(v, lay)
 
 
-def _dx(dy_BxN, v_KxD, lay, geo, cfg):
-  return spmm.spmm(dy_BxN, bcsr.pack(v_KxD, lay), lay, transpose=True,
-                   batch_tile=cfg.batch_tile, interpret=cfg.interpret)
+def _fwd(x_BxM, v, lay, geo, cfg):
+  return spmm.spmm(x_BxM, _data(v, lay, geo), lay, batch_tile=cfg.batch_tile,
+                   interpret=cfg.interpret, precision=cfg.precision)
+
+
+def _dx(dy_BxN, v, lay, geo, cfg):
+  return spmm.spmm(dy_BxN, _data(v, lay, geo), lay, transpose=True,
+                   batch_tile=cfg.batch_tile, interpret=cfg.interpret,
+                   precision=cfg.precision)
 
 
 def _dv(x_BxM, dy_BxN, lay, geo, cfg):
-  return sddmm.diag_sddmm(x_BxM, dy_BxN, lay, batch_tile=cfg.batch_tile,
-                          interpret=cfg.interpret)
+  kw = dict(batch_tile=cfg.batch_tile, interpret=cfg.interpret, precision=cfg.precision)
+  if geo.block > 1:  # one stored block per entry: the block gradients are dv
+    g_SxBxB = sddmm.sddmm(x_BxM, dy_BxN, lay, **kw)
+    return g_SxBxB.reshape(-1, geo.D, geo.block, geo.block)
+  return sddmm.diag_sddmm(x_BxM, dy_BxN, lay, **kw)
 
 
 BACKEND = ops.Backend("pallas", _fwd, _dx, _dv, prepare=_prepare)

@@ -30,14 +30,21 @@ def random_offsets(rng: np.random.Generator, m: int, n: int, k: int) -> np.ndarr
   return np.sort(rng.choice(p, size=k, replace=False)).astype(np.int32)
 
 
-def reference(x_BxM, v_KxD, o_K, m: int, n: int, dy_BxN):
-  """(y, dx, dv) in float64 numpy: y = x @ W, dx = dy @ W.T, dv = diag(x.T @ dy)."""
-  x, v, dy = (np.asarray(a, np.float64) for a in (x_BxM, v_KxD, dy_BxN))
-  rows_PxD, cols_PxD = pattern.diagonal_coords(m, n)
+def reference(x_BxM, v, o_K, m: int, n: int, dy_BxN, block: int = 1):
+  """(y, dx, dv) in float64 numpy: y = x @ W, dx = dy @ W.T, dv = x.T @ dy on the entries.
+
+  v is (K, D) for diagonals or (K, D, b, b) for b x b block-diagonals (DESIGN.md 2, 8).
+  """
+  x, v, dy = (np.asarray(a, np.float64) for a in (x_BxM, v, dy_BxN))
+  rows_PxD, cols_PxD = pattern.diagonal_coords(m, n, block)
   o = np.asarray(o_K)
-  w = np.zeros((m, n))
-  w[rows_PxD[o], cols_PxD[o]] = v
-  return x @ w, dy @ w.T, (x.T @ dy)[rows_PxD[o], cols_PxD[o]]
+  r, c = rows_PxD[o], cols_PxD[o]
+  b = block
+  w4 = np.zeros((m // b, n // b, b, b))
+  w4[r, c] = v.reshape(r.shape + (b, b))
+  w = w4.transpose(0, 2, 1, 3).reshape(m, n)
+  g4 = (x.T @ dy).reshape(m // b, b, n // b, b).transpose(0, 2, 1, 3)
+  return x @ w, dy @ w.T, g4[r, c].reshape(v.shape)
 
 
 def assert_close(got, want, dtype, seed: int, what: str = "") -> None:

@@ -87,8 +87,31 @@ def _vit_value_and_grad(dtype: str):
              tuple(_sds((k,), "int32") for k in ks))
 
 
+BLOCK_LAYERS = ((3072, 768, 16), (3072, 768, 32), (768, 3072, 64), (768, 3072, 128))
+
+
+def _blocks_value_and_grad(dtype: str):
+  """value_and_grad of block-diagonal layers (b = 16..128, M > N and M < N), 90%, traced
+  offsets: the layout is the pattern, values are the block data."""
+  import jax
+  import jax.numpy as jnp
+  from dynadiag_jax import ops, pattern
+  geos = [pattern.Geometry(m, n, b) for m, n, b in BLOCK_LAYERS]
+  ks = [pattern.num_kept(g.m, g.n, SPARSITY, g.block) for g in geos]
+
+  def loss(xs, vs, os_):
+    return sum(jnp.sum(ops.diag_matmul(x, v, o, g.m, g.n, "pallas").astype(jnp.float32) ** 2)
+               for x, v, o, g in zip(xs, vs, os_, geos))
+
+  f = jax.value_and_grad(loss, argnums=(0, 1))
+  return f, (tuple(_sds((ROWS, g.m), dtype) for g in geos),
+             tuple(_sds(g.values_shape(k), dtype) for k, g in zip(ks, geos)),
+             tuple(_sds((k,), "int32") for k in ks))
+
+
 def _train_step(dtype: str, frozen: bool):
-  """One jitted step (loss, grads, adamw update) of an MLP of two pallas DiagDense layers.
+  """One jitted step (loss, grads, adamw update) of an MLP of two pallas DiagDense layers
+  (block 1, then block 16).
 
   Exploring: K_active between K and P, the `dynadiag` collection passed in (offsets are
   the traced top-k of alpha). Frozen: after `dd.freeze`, the collection closed over
@@ -100,11 +123,11 @@ def _train_step(dtype: str, frozen: bool):
   import optax
   import dynadiag_jax as dd
 
-  class Mlp(nn.Module):  # wide then narrow, so both m < n and m > n run
+  class Mlp(nn.Module):  # wide diagonals, then narrow 16 x 16 block-diagonals
     @nn.compact
     def __call__(self, x):
       x = nn.gelu(dd.DiagDense(256, sparsity=SPARSITY, dtype=dtype, backend="pallas")(x))
-      x = dd.DiagDense(128, sparsity=SPARSITY, dtype=dtype, backend="pallas")(x)
+      x = dd.DiagDense(128, sparsity=0.75, block=16, dtype=dtype, backend="pallas")(x)
       return nn.Dense(10, dtype=dtype)(x.mean(1))
 
   model = Mlp()
@@ -173,6 +196,9 @@ def cases() -> list[Case]:
   for dtype in DTYPES:
     out.append(Case(f"vit_b/{dtype}", functools.partial(_vit_value_and_grad, dtype), KINDS,
                     meta=dict(shapes=VIT_B, dtype=dtype)))
+  for dtype in DTYPES:
+    out.append(Case(f"blocks/{dtype}", functools.partial(_blocks_value_and_grad, dtype),
+                    KINDS, meta=dict(layers=BLOCK_LAYERS, dtype=dtype)))
   for phase in ("exploring", "frozen"):
     for dtype in DTYPES:
       out.append(Case(f"train_step/{phase}/{dtype}",

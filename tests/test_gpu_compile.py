@@ -92,10 +92,22 @@ def test_vit_b_value_and_grad_compiles(results, dtype):
   assert sorted(k["name"] for k in ks) == sorted(suite.KINDS * len(suite.VIT_B))
 
 
+@pytest.mark.parametrize("dtype", suite.DTYPES)
+def test_block_diagonal_value_and_grad_compiles(results, dtype):
+  """Block-diagonal layers, b = 16, 32, 64, 128 (the layout is the pattern): no spills at
+  the default batch tile, every block a kernel tile."""
+  ks = _compiled(_case(results, f"blocks/{dtype}"), suite.KINDS)
+  assert sorted(k["name"] for k in ks) == sorted(suite.KINDS * len(suite.BLOCK_LAYERS))
+  from dynadiag_jax import pattern
+  slots = sorted(pattern.num_kept(m, n, suite.SPARSITY, b) * pattern.diag_length(m, n, b)
+                 for m, n, b in suite.BLOCK_LAYERS)
+  assert sorted(k["grid"][0] for k in ks if k["name"] == "bcsr_sddmm") == slots
+
+
 @pytest.mark.parametrize("phase", ["exploring", "frozen"])
 @pytest.mark.parametrize("dtype", suite.DTYPES)
 def test_train_step_compiles(results, phase, dtype):
-  """A whole jitted step (loss, grads, adamw) of two pallas DiagDense layers."""
+  """A whole jitted step (loss, grads, adamw) of two pallas DiagDense layers (block 1, 16)."""
   ks = _compiled(_case(results, f"train_step/{phase}/{dtype}"), suite.KINDS)
   # two layers: two forwards and two SDDMMs; dx only for the second (x needs no grad)
   assert sorted(k["name"] for k in ks) == sorted(
