@@ -133,6 +133,6 @@ def test_bad_inputs_raise():
     spmm.spmm(jnp.zeros((4, 32)), data, lay, batch_tile=24)
   with pytest.raises(ValueError, match="power of two"):
     ops.KernelConfig(bcsr_block=24)
-  with pytest.raises(ValueError, match="takes block-1 patterns"):
-    ops.diag_matmul(jnp.zeros((2, 32)), jnp.zeros((1, 1, 16, 16)), np.array([0]), 32, 16,
-                    "pallas")
+  with pytest.raises(ValueError, match="got block 8 .* use backend='xla' or 'dense'"):
+    ops.diag_matmul(jnp.zeros((2, 32)), jnp.zeros((1, 2, 8, 8)), np.array([0]), 32, 16,
+                    "pallas")  # block-diagonal blocks must be 16..128 (tests/test_pallas_blocks)
