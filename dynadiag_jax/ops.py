@@ -19,7 +19,7 @@ from dynadiag_jax.pattern import Geometry
 class KernelConfig:
   """Backend settings, a hashable value passed down as a static argument.
 
-  bcsr_block: BCSR block of the pallas backend for block-1 patterns (power of two >= 16);
+  bcsr_block: BCSR block of the pallas backend for block-1 patterns (16, 32, 64 or 128);
   batch_tile: rows per pallas program (None: automatic); cluster: reorder rows / columns
   of exact pallas layouts (paper Appendix D); interpret: pallas interpret mode (None: by
   platform); precision: `jax.lax.Precision` of the products (as `nn.Dense`'s).
@@ -33,8 +33,9 @@ class KernelConfig:
   def __post_init__(self):
     for name in ("bcsr_block", "batch_tile"):
       v = getattr(self, name)
-      if v is not None and (not isinstance(v, (int, np.integer)) or v < 16 or v & (v - 1)):
-        raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {v!r}")
+      if v is not None and v not in (16, 32, 64, 128):
+        raise ValueError(f"KernelConfig.{name} must be a power of two >= 16 and <= 128 "
+                         f"(16, 32, 64 or 128), got {v!r}")
 
 
 def _offsets(o_K, geo, cfg):
