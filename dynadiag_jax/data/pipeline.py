@@ -226,7 +226,8 @@ class _Workers(Iterator[Batch]):
   def __next__(self) -> Batch:
     if self._it is None:
       raise StopIteration
-    return next(self._it)
+    shm = next(self._it)  # arrays in shared memory, freed when dropped
+    return {k: np.array(v) for k, v in shm.items()}
 
   def close(self):
     """Stops the worker processes."""
