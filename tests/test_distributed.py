@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynadiag_jax.train import checkpoint, distributed, progress
+from dynadiag_jax.train import checkpoint, distributed, guard, progress
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -108,9 +108,9 @@ def test_two_processes_peer_killed_restart_resumes_bitwise(tmp_path):
 
 def test_workdir_not_shared_is_a_clear_error(tmp_path):
   res = _finish(_start([tmp_path / "a", tmp_path / "b"], _port()), timeout=120)
-  assert all(rc != 0 for rc, _ in res)
-  err = res[1][1]
-  assert "is not one shared filesystem" in err and "process(es) [1]" in err, err[-3000:]
+  for rc, err in res:  # every process stops with the same one-line error (usage status)
+    assert rc == guard.EXIT_USAGE, err[-3000:]
+    assert "is not one shared filesystem" in err and "process(es) [1]" in err, err[-3000:]
 
 
 def test_cluster_fields_must_come_together(monkeypatch):
@@ -119,7 +119,7 @@ def test_cluster_fields_must_come_together(monkeypatch):
     monkeypatch.delenv(k, raising=False)
   c = ml_collections.ConfigDict({"distributed": True, "cluster": {
       "coordinator_address": "127.0.0.1:1234", "num_processes": 0, "process_id": -1}})
-  with pytest.raises(distributed.DistributedError, match="DYNADIAG_NUM_PROCESSES"):
+  with pytest.raises(distributed.ClusterConfigError, match="DYNADIAG_NUM_PROCESSES"):
     distributed.cluster_args(c)
   monkeypatch.setenv("DYNADIAG_NUM_PROCESSES", "2")
   monkeypatch.setenv("DYNADIAG_PROCESS_ID", "1")

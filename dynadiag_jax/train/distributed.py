@@ -31,6 +31,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from dynadiag_jax.train import guard
+
 ENV = {"coordinator_address": "DYNADIAG_COORDINATOR_ADDRESS",
        "num_processes": "DYNADIAG_NUM_PROCESSES", "process_id": "DYNADIAG_PROCESS_ID"}
 PEER_LOST_EXIT = 75  # EX_TEMPFAIL: rerun the same command on every host to resume
@@ -40,6 +42,14 @@ _context: dict[str, Any] = {"workdir": None, "watchdog": None}
 
 class DistributedError(RuntimeError):
   """A multi-host run cannot start or go on; the message says what to change."""
+
+
+class ClusterConfigError(DistributedError, guard.ConfigError):
+  """config.cluster / DYNADIAG_* incomplete or wrong, or jax.distributed cannot start."""
+
+
+class SharedWorkdirError(DistributedError, guard.WorkdirError):
+  """The processes do not see one workdir (checkpoints, resume step)."""
 
 
 def cluster_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -60,12 +70,12 @@ def cluster_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
   given = set(out)
   if given and given != {"coordinator_address", "num_processes", "process_id"}:
     missing = sorted({"coordinator_address", "num_processes", "process_id"} - given)
-    raise DistributedError(
+    raise ClusterConfigError(
         f"config.cluster / environment set {sorted(given)} but not {missing}: give all three "
         f"(--config.cluster.<field> or {', '.join(ENV[m] for m in missing)}), or none for "
         "jax's cluster detection (SLURM, Open MPI, Kubernetes, Cloud TPU)")
   if given and not 0 <= out["process_id"] < out["num_processes"]:
-    raise DistributedError(f"process_id {out['process_id']} is not in [0, num_processes = "
+    raise ClusterConfigError(f"process_id {out['process_id']} is not in [0, num_processes = "
                            f"{out['num_processes']})")
   return out
 
@@ -152,7 +162,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
   try:
     jax.distributed.initialize(**kw)
   except ValueError as e:  # no coordinator given and no cluster detected
-    raise DistributedError(
+    raise ClusterConfigError(
         f"config.distributed=True but jax.distributed cannot start: {e}. On a plain machine "
         "set --config.cluster.coordinator_address=HOST:PORT (process 0's host), "
         "--config.cluster.num_processes and --config.cluster.process_id on every process "
@@ -213,7 +223,7 @@ def check_shared_workdir(workdir: str, timeout_s: float = 10.0):
       pass
   if not ok.all():
     blind = [int(i) for i in np.flatnonzero(ok == 0)]
-    raise DistributedError(
+    raise SharedWorkdirError(
         f"workdir {workdir} is not one shared filesystem: process(es) {blind} do not see the "
         f"file process 0 wrote there. Multi-host runs need the same workdir on every host "
         "(NFS, GCS FUSE, Lustre, ...): checkpoints are written jointly and the resume step is "
@@ -229,7 +239,7 @@ def agree(step: int | None, what: str = "resume step") -> int | None:
   every = _allgather(mine).reshape(-1)
   if (every != lead).any():
     views = {i: (None if int(v) < 0 else int(v)) for i, v in enumerate(every)}
-    raise DistributedError(
+    raise SharedWorkdirError(
         f"processes disagree on the {what}: {views} (process 0 decides). Their workdirs hold "
         "different checkpoints, so they are not one shared filesystem, or a save was torn: "
         "rerun once every process sees the same <workdir>/checkpoints.")
