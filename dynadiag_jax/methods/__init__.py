@@ -99,8 +99,10 @@ def prepare(config: ml_collections.ConfigDict, state: Any) -> Any:
     p = node["alpha"].shape[0]
     # Ties broken at random: the top-K of alpha (what freeze keeps) is a random K-subset,
     # and the gates stay ~K/P, so the folded values are those of the exploring layer.
-    noise = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (p,)))
-    node["alpha"] = (np.full(p, 1.0 / p) + 1e-6 / p * noise).astype(node["alpha"].dtype)
+    # A random permutation as relative perturbations of 1e-3 (distinct in float32; far
+    # smaller ones tie and top-k would then keep the lowest offsets).
+    rank = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), p))
+    node["alpha"] = (np.full(p, 1.0 / p) * (1.0 + 1e-3 * rank / p)).astype(node["alpha"].dtype)
   return state_lib.freeze(state.replace(params=params))
 
 
