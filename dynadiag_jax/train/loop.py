@@ -261,7 +261,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if latest is None:
     host = run.fresh()
   else:
-    host, meta = ck.restore(latest, run.like, config)
+    try:
+      host, meta = ck.restore(latest, run.like, config)
+    except BaseException:
+      ck.close()  # orbax's async threads end before the error surfaces
+      raise
     wall0, carried = float(meta.get("wall_s", 0.0)), _pending_restored(meta)
   wall = lambda: wall0 + time.perf_counter() - t0
   start = int(host.step)
