@@ -117,13 +117,17 @@ def diagonal_index(m: int, n: int, block: int = 1) -> np.ndarray:
   return ((r_M1 - c_1N) % g.P if g.M >= g.N else (c_1N - r_M1) % g.P).astype(np.int32)
 
 
-def offset_coords(offsets, m: int, n: int, block: int = 1) -> tuple[jax.Array, jax.Array]:
-  """(rows_KxD, cols_KxD) (block indices) of the diagonals `offsets`, computed in-graph."""
+def offset_coords(offsets, m: int, n: int, block: int = 1):
+  """(rows_KxD, cols_KxD) (block indices) of the diagonals `offsets`; no P x D table.
+
+  numpy for numpy offsets (host layouts), jax arrays otherwise (in-graph, maybe traced).
+  """
   g = Geometry(m, n, block)
-  o_K1 = jnp.asarray(offsets, jnp.int32)[:, None]
-  t_1D = jnp.arange(g.D, dtype=jnp.int32)[None, :]
+  xp = np if isinstance(offsets, np.ndarray) else jnp
+  o_K1 = xp.asarray(offsets).astype(xp.int32)[:, None]
+  t_1D = xp.arange(g.D, dtype=xp.int32)[None, :]
   wrapped = (o_K1 + t_1D) % g.P
-  straight = jnp.broadcast_to(t_1D, wrapped.shape)
+  straight = xp.broadcast_to(t_1D, wrapped.shape)
   return (wrapped, straight) if g.M >= g.N else (straight, wrapped)
 
 

@@ -306,10 +306,10 @@ def report(workdir: str, sparsities: list[float], methods: list[str], task: str,
   s0 = sparsities[0]
   dyn = run_dir(workdir, "dynadiag", s0, 0)
   if plot_gates(dyn, os.path.join(workdir, "gates.png")):
-    md.append(f"![gates of one layer over training](gates.png)")
+    md.append("![gates of one layer over training](gates.png)")
   runs = {m: run_dir(workdir, m, s0, 0) for m in ("dynadiag", "static_diag") if m in methods}
   if plot_offsets(runs, os.path.join(workdir, "offsets.png")):
-    md.append(f"![kept offsets](offsets.png)")
+    md.append("![kept offsets](offsets.png)")
   if sigma and runs:
     sw = small_world(runs)
     if sw:

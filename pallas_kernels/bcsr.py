@@ -124,22 +124,13 @@ def max_blocks(k: int, m: int, n: int, b: int) -> int:
   return max(1, min(cdiv(m, b) * cdiv(n, b), k * (2 * cdiv(d, b) + 1)))
 
 
-def cells(o_K, m: int, n: int, xp=jnp):
-  """(rows_KxD, cols_KxD): the cells of the diagonals o_K (DESIGN.md section 2)."""
-  d = pattern.diag_length(m, n)
-  t_1D = xp.arange(d, dtype=xp.int32)[None, :]
-  wrap_KxD = (xp.asarray(o_K, xp.int32)[:, None] + t_1D) % max(m, n)
-  t_KxD = xp.broadcast_to(t_1D, wrap_KxD.shape)
-  return (wrap_KxD, t_KxD) if m >= n else (t_KxD, wrap_KxD)
-
-
 def host_layout(offsets, m: int, n: int, block: int = 16, *, cluster: bool = False,
                 **cluster_kw) -> Layout:
   """Exact BCSR layout (numpy) of concrete offsets; `cluster` reorders rows/columns first."""
   b = check_block(block)
   pattern.check_offsets(offsets, m, n)
   o_K = np.asarray(offsets).astype(np.int64)
-  r_KxD, c_KxD = cells(o_K, m, n, np)
+  r_KxD, c_KxD = pattern.offset_coords(o_K, m, n)
   perms = {}
   if cluster:
     from pallas_kernels import cluster as cluster_lib  # numpy only, imported on demand
@@ -181,7 +172,7 @@ def jit_layout(o_K, m: int, n: int, block: int = 16, num_slots: int | None = Non
   k = o_K.shape[0]
   s = max_blocks(k, m, n, b) if num_slots is None else int(num_slots)
   R, C = cdiv(m, b), cdiv(n, b)
-  r_KxD, c_KxD = cells(o_K, m, n, jnp)
+  r_KxD, c_KxD = pattern.offset_coords(o_K, m, n)
   key_KxD = (r_KxD // b) * C + c_KxD // b
   occ = jnp.zeros(R * C, jnp.int32).at[key_KxD.ravel()].set(1)
   slot_of = jnp.cumsum(occ) - 1
@@ -212,7 +203,7 @@ def block_layout(o_K, m: int, n: int, block: int) -> Layout:
   b = check_block(block, "block size of a block-diagonal pattern")
   pattern.check_offsets(o_K, m, n, b)
   xp = np if isinstance(o_K, np.ndarray) else jnp
-  r_KxD, c_KxD = cells(o_K, m // b, n // b, xp)  # block coordinates on the (M, N) grid
+  r_KxD, c_KxD = pattern.offset_coords(o_K, m, n, b)  # block coordinates on the (M, N) grid
   row_S = xp.ravel(r_KxD).astype(xp.int32)
   col_S = xp.ravel(c_KxD).astype(xp.int32)
   R, C = m // b, n // b

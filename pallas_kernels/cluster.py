@@ -83,8 +83,7 @@ def cluster_order(o_K, m: int, n: int, b: int, lam: float = 0.5, rounds: int = 1
   pattern.check_offsets(np.asarray(o_K), m, n)
   if not 0.0 <= lam <= 1.0:
     raise ValueError(f"lam mixes Jaccard and proximity, it must lie in [0, 1], got {lam}")
-  from pallas_kernels.bcsr import cells
-  r_KxD, c_KxD = cells(np.asarray(o_K, np.int64), m, n, np)
+  r_KxD, c_KxD = pattern.offset_coords(np.asarray(o_K, np.int64), m, n)
   r_N, c_N = r_KxD.ravel(), c_KxD.ravel()
   best = (count_blocks(r_N, c_N, np.arange(m), np.arange(n), m, n, b), np.arange(m),
           np.arange(n))

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 
-from dynadiag_jax import ops
+from dynadiag_jax import ops, pattern
 from dynadiag_jax.ops import KernelConfig
 from dynadiag_jax.pattern import Geometry
 from pallas_kernels import bcsr, sddmm, spmm
@@ -35,7 +34,7 @@ def _host_layout(key: bytes, m: int, n: int, block: int, cluster: bool) -> bcsr.
 def layout_for(o_K, m: int, n: int, cfg: KernelConfig = KernelConfig()) -> bcsr.Layout:
   """Host layout (cached) for concrete offsets, jittable bounded layout for traced ones."""
   bcsr.check_block(cfg.bcsr_block)
-  if isinstance(o_K, jax.core.Tracer):
+  if not pattern.is_concrete(o_K):
     return bcsr.jit_layout(o_K, m, n, cfg.bcsr_block)
   o_K = np.ascontiguousarray(np.asarray(o_K), np.int32)
   return _host_layout(o_K.tobytes(), m, n, cfg.bcsr_block, cfg.cluster)
@@ -49,7 +48,7 @@ def _host_block_layout(key: bytes, m: int, n: int, block: int) -> bcsr.Layout:
 def block_layout_for(o_K, geo: Geometry) -> bcsr.Layout:
   """The layout of a block-diagonal pattern (block >= 16): numpy (cached) for concrete
   offsets, jittable for traced ones; the same shapes either way (S = K * D)."""
-  if isinstance(o_K, jax.core.Tracer):
+  if not pattern.is_concrete(o_K):
     return bcsr.block_layout(o_K, geo.m, geo.n, geo.block)
   o_K = np.ascontiguousarray(np.asarray(o_K), np.int32)
   return _host_block_layout(o_K.tobytes(), geo.m, geo.n, geo.block)
