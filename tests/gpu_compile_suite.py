@@ -55,7 +55,7 @@ def _kernels_alone(kind: str, dtype: str, b: int):
   """One kernel at block b and every batch tile, compiled together (told apart by grid)."""
   import jax.numpy as jnp
   from pallas_kernels.bcsr import BLOCKS
-  from pallas_kernels.testing import kernel_alone
+  from tests.pallas_testing import kernel_alone
   fs, argss = zip(*(kernel_alone(kind, jnp.dtype(dtype), b, bt, tag=i)
                     for i, bt in enumerate(BLOCKS)))
   sizes = [len(a) for a in argss]
@@ -164,7 +164,7 @@ def _over_smem(bypass: bool):
   warps), so XLA's own compile must refuse it: the control shows the check is not vacuous.
   """
   import jax.numpy as jnp
-  from pallas_kernels.testing import kernel_alone
+  from tests.pallas_testing import kernel_alone
   f, args = kernel_alone("bcsr_spmm", jnp.float32, 256, 16)
   if not bypass:
     return f, args
@@ -210,7 +210,7 @@ def cases() -> list[Case]:
 
 def _tile_of(case: Case, grid) -> int | None:
   """The batch tile of a kernel-alone case's kernel, from its grid."""
-  from pallas_kernels.testing import kernel_grid
+  from tests.pallas_testing import kernel_grid
   for i, bt in enumerate(case.meta.get("tiles", ())):
     if tuple(grid) == kernel_grid(case.meta["kind"], i):
       return bt

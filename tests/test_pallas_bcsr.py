@@ -8,7 +8,7 @@ import pytest
 
 from dynadiag_jax import pattern
 from pallas_kernels import bcsr, cluster
-from pallas_kernels.testing import fresh_seed, random_offsets
+from tests.pallas_testing import fresh_seed, random_offsets
 
 SHAPES = [(48, 32), (32, 80), (40, 40), (17, 70), (100, 33)]
 

@@ -19,7 +19,7 @@ import pytest
 import dynadiag_jax as dd
 from dynadiag_jax import ops, pattern
 from pallas_kernels import bcsr
-from pallas_kernels.testing import assert_close, fresh_seed, reference
+from tests.pallas_testing import assert_close, fresh_seed, reference
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 

@@ -10,7 +10,7 @@ import pytest
 
 from dynadiag_jax import ops, pattern
 from pallas_kernels import bcsr, diag, sddmm, spmm
-from pallas_kernels.testing import assert_close, fresh_seed, random_offsets, reference
+from tests.pallas_testing import assert_close, fresh_seed, random_offsets, reference
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 

@@ -9,7 +9,7 @@ import pytest
 
 from dynadiag_jax import ops
 from pallas_kernels import spmm
-from pallas_kernels.testing import fresh_seed, random_offsets
+from tests.pallas_testing import fresh_seed, random_offsets
 
 KERNELS = {"bcsr_spmm", "bcsr_spmm_t", "bcsr_sddmm"}
 _TRITON = re.compile(r'custom_call @__gpu\$xla\.gpu\.triton\(.*?name = "(\w+)"')

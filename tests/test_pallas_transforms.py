@@ -10,7 +10,7 @@ from jax import lax
 
 from dynadiag_jax import DiagDense, freeze, ops
 from pallas_kernels import diag
-from pallas_kernels.testing import assert_close, fresh_seed, random_offsets
+from tests.pallas_testing import assert_close, fresh_seed, random_offsets
 
 F32 = jnp.float32
 

@@ -17,7 +17,7 @@ from jax.experimental import pallas as pl
 
 from dynadiag_jax import ops
 from pallas_kernels import _call, bcsr, triton_check
-from pallas_kernels.testing import kernel_alone
+from tests.pallas_testing import kernel_alone
 
 DTYPES = (jnp.float32, jnp.bfloat16)
 S = jax.ShapeDtypeStruct
