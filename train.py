@@ -35,7 +35,7 @@ QUIET = ("OpenCV is not installed", "Variant folder", "Dataset info file")
 
 def fail(message: str, status: int):
   """Prints one line on stderr and exits with `status`."""
-  print(f"train.py: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+  guard.report(f"train.py: error: {' '.join(str(message).split())}")
   sys.exit(status)
 
 

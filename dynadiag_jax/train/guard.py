@@ -10,6 +10,10 @@ Exit statuses of `train.py` (schedulers can tell them apart):
 
 from __future__ import annotations
 
+import sys
+
+import contextlib
+
 import math
 import os
 import tempfile
@@ -104,3 +108,37 @@ def make_workdir(path: str) -> str:
     raise WorkdirError(f"cannot use {path!r} as workdir: {e.strerror or e}"
                        + (f" ({e.filename})" if e.filename and e.filename != path else "")) from e
   return path
+
+
+_report_fd: int | None = None  # the terminal's stderr once a failed block silenced fd 2
+
+
+@contextlib.contextmanager
+def stderr_dropped_on_error():
+  """Captures file descriptor 2 while the block runs: replayed if it succeeds. If it raises,
+  fd 2 stays silenced until exit and `report` writes to the saved one, so that the run's
+  one-line error is the whole report (orbax / tensorstore reads still in flight after a
+  failed restore print asyncio tracebacks from their threads)."""
+  global _report_fd
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as tmp:
+    os.dup2(tmp.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+      _report_fd = saved
+      raise
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+    tmp.seek(0)
+    sys.stderr.write(tmp.read().decode(errors="replace"))
+    sys.stderr.flush()
+
+
+def report(line: str) -> None:
+  """Writes one line to the user's stderr (also after `stderr_dropped_on_error` silenced it)."""
+  sys.stderr.flush()
+  os.write(2 if _report_fd is None else _report_fd, (line + "\n").encode())

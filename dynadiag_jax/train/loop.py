@@ -261,11 +261,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   if latest is None:
     host = run.fresh()
   else:
-    try:
-      host, meta = ck.restore(latest, run.like, config)
-    except BaseException:
-      ck.close()  # orbax's async threads end before the error surfaces
-      raise
+    with guard.stderr_dropped_on_error():
+      try:
+        host, meta = ck.restore(latest, run.like, config)
+      except BaseException:
+        ck.close()  # orbax's async threads end before the error surfaces
+        raise
     wall0, carried = float(meta.get("wall_s", 0.0)), _pending_restored(meta)
   wall = lambda: wall0 + time.perf_counter() - t0
   start = int(host.step)
