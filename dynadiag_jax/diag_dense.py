@@ -135,9 +135,12 @@ class DiagDense(nn.Module):
 
   def _check_frozen_width(self, m: int) -> None:
     want = self.get_variable(COLLECTION, "in_features")
-    if pattern.is_concrete(want) and int(np.asarray(want).reshape(-1)[0]) != m:
-      raise ValueError(f"DiagDense {self.name!r} was frozen for {int(np.asarray(want).reshape(-1)[0])} "
-                       f"input features, got x with {m} on its last axis")
+    if not pattern.is_concrete(want):
+      return
+    want = int(np.asarray(want).reshape(-1)[0])
+    if want != m:
+      raise ValueError(f"DiagDense {self.name!r} was frozen for {want} input features, got x "
+                       f"with {m} on its last axis")
 
   def _bias(self, n: int) -> jax.Array | None:
     return self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None

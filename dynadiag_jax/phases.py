@@ -103,15 +103,15 @@ def advance(variables: Mapping[str, Any], opt_state: Any, sched: schedules.Sched
 
 
 def _layer_choice(params: Mapping, col: Mapping,
-                  gate: str) -> tuple[np.ndarray, jax.Array, int]:
-  """(kept offsets_K, gates g_P, P) of one exploring layer."""
+                  gate: str) -> tuple[np.ndarray, jax.Array]:
+  """(kept offsets_K, gates g_P) of one exploring layer."""
   alpha = jnp.asarray(params["alpha"])
   if alpha.ndim != 1:
     raise ValueError("freeze takes un-replicated variables (alpha of shape (P,)), got "
                      f"alpha of shape {alpha.shape}; unreplicate pmapped state first")
   k = int(col["k"])
   g = gates.by_name(gate)(alpha.astype(jnp.float32), k, col["temperature"])
-  return np.asarray(gates.topk_indices(alpha, k)), g, alpha.shape[0]
+  return np.asarray(gates.topk_indices(alpha, k)), g
 
 
 def _params_like(node: Any, params: Any) -> bool:
@@ -157,11 +157,11 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
   same way; any other state that holds `alpha` raises. Takes un-replicated variables; runs on the host, outside jit.
   """
   out = _to_dict(variables)
-  choice: dict[Path, tuple[np.ndarray, int]] = {}
+  choice: dict[Path, np.ndarray] = {}
   for path in exploring_layers(out):
     layer = _get(out["params"], path)
-    idx, g_P, p = _layer_choice(layer, _get(out[COLLECTION], path), gate)
-    choice[path] = (idx, p)
+    idx, g_P = _layer_choice(layer, _get(out[COLLECTION], path), gate)
+    choice[path] = idx
     v = layer["values"]
     g_K = g_P[idx].reshape((len(idx),) + (1,) * (v.ndim - 1))
     folded = (g_K * jnp.asarray(v, jnp.float32)[idx]).astype(v.dtype)
@@ -177,7 +177,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
   def remap(node: Mapping) -> dict:
     """A params-shaped state subtree, remapped by exact param path like the params."""
     node = _to_dict(node)
-    for path, (idx, _) in choice.items():
+    for path, idx in choice.items():
       def layer(d, idx=idx):
         d = {k: v for k, v in d.items() if k != "alpha"}
         if not isinstance(d["values"], optax.MaskedNode):
