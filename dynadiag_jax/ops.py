@@ -85,7 +85,7 @@ def resolve_backend(name: str, geo: Geometry | None = None, rows: int | None = N
   if name not in _BACKENDS and name in _LAZY:
     try:
       importlib.import_module(_LAZY[name])
-    except ModuleNotFoundError as e:  # a backend module not written yet
+    except ModuleNotFoundError as e:  # e.g. a dependency of the backend is not installed
       raise ValueError(f"diag_matmul backend {name!r} is not available: {e}") from e
   if name not in _BACKENDS:
     raise ValueError(f"unknown diag_matmul backend {name!r}; choose one of "
