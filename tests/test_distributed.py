@@ -106,6 +106,27 @@ def test_two_processes_peer_killed_restart_resumes_bitwise(tmp_path):
   assert not diff, f"leaves differ after resume: {diff[:10]}"
 
 
+def test_peer_killed_during_first_save_is_reported_not_aborted(tmp_path):
+  """The survivor's collective fails at once; it must still exit 75 with our message, not abort
+  in jax's shutdown barrier (CI caught exit -6 here: the watchdog died calling into jax)."""
+  run = tmp_path / "run"
+  procs = _start([run, run], _port())
+  d = run / "checkpoints"
+  try:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (d.is_dir() and any(d.iterdir())):
+      assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+      time.sleep(0.001)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    rc0, err0 = _finish(procs[:1], timeout=60)[0]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  assert rc0 == distributed.PEER_LOST_EXIT, err0[-3000:]
+  assert "a peer process died" in err0 and "restart every process" in err0, err0[-3000:]
+
+
 def test_workdir_not_shared_is_a_clear_error(tmp_path):
   res = _finish(_start([tmp_path / "a", tmp_path / "b"], _port()), timeout=120)
   for rc, err in res:  # every process stops with the same one-line error (usage status)

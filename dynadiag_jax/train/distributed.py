@@ -37,7 +37,7 @@ ENV = {"coordinator_address": "DYNADIAG_COORDINATOR_ADDRESS",
        "num_processes": "DYNADIAG_NUM_PROCESSES", "process_id": "DYNADIAG_PROCESS_ID"}
 PEER_LOST_EXIT = 75  # EX_TEMPFAIL: rerun the same command on every host to resume
 TOKEN = ".dynadiag_shared_fs_check"
-_context: dict[str, Any] = {"workdir": None, "watchdog": None}
+_context: dict[str, Any] = {"workdir": None, "watchdog": None, "process": 0}
 
 
 class DistributedError(RuntimeError):
@@ -81,15 +81,18 @@ def cluster_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _on_peer_lost(status: Any = None):
-  """The coordination service's error callback: our message, then exit (never a bare abort)."""
-  wd = _context["workdir"]
-  where = f" Checkpoints are in {os.path.join(wd, 'checkpoints')};" if wd else ""
-  sys.stderr.write(
-      f"\ndynadiag: process {jax.process_index()} lost the multi-host run: a peer process died "
-      f"or stopped answering ({status}).{where} restart every process with the same command "
-      f"to resume from the newest checkpoint.\n")
-  sys.stderr.flush()
-  os._exit(PEER_LOST_EXIT)  # pylint: disable=protected-access
+  """Our message, then exit (never a bare abort). Touches no jax state: it also runs while the
+  main thread is inside jax's atexit clean-up, where jax calls can raise or hang."""
+  try:
+    wd = _context["workdir"]
+    where = f" Checkpoints are in {os.path.join(wd, 'checkpoints')};" if wd else ""
+    sys.stderr.write(
+        f"\ndynadiag: process {_context['process']} lost the multi-host run: a peer process died "
+        f"or stopped answering ({status}).{where} restart every process with the same command "
+        f"to resume from the newest checkpoint.\n")
+    sys.stderr.flush()
+  finally:
+    os._exit(PEER_LOST_EXIT)  # pylint: disable=protected-access
 
 
 class Watchdog:
@@ -103,6 +106,7 @@ class Watchdog:
     self.client, self.timeout_s, self.interval_s = client, timeout_s, interval_s
     self.me, self.n = jax.process_index(), jax.process_count()
     self._stop = threading.Event()
+    self._fresh: dict[int, float] = {}  # peer -> monotonic time of its newest heartbeat seen
     self._thread = threading.Thread(target=self._run, daemon=True, name="dynadiag-watchdog")
 
   def start(self) -> "Watchdog":
@@ -125,14 +129,26 @@ class Watchdog:
             v = None  # not there yet
           if v == "done":
             del seen[p]
+            self._fresh[p] = float("inf")
           elif v != last:
             seen[p] = (v, now)
+            self._fresh[p] = now
           elif now - since > self.timeout_s:
             _on_peer_lost(f"process {p} sent no heartbeat for {self.timeout_s:.0f} s")
       except Exception as e:  # pylint: disable=broad-except
         if not self._stop.is_set():
           _on_peer_lost(f"the coordination service on process 0 is unreachable: "
                         f"{str(e).splitlines()[0][:200]}")
+
+  def settle(self) -> None:
+    """Returns once every peer has been heard from after this call (or has ended normally); a
+    silent peer makes the thread report the loss and exit with PEER_LOST_EXIT meanwhile."""
+    t = time.monotonic()
+    deadline = t + self.timeout_s + 4 * self.interval_s
+    while self._thread.is_alive() and time.monotonic() < deadline:
+      if all(self._fresh.get(p, -1.0) > t for p in range(self.n) if p != self.me):
+        return
+      time.sleep(self.interval_s / 5)
 
   def stop(self):
     """Tells the peers this process ended normally, then stops."""
@@ -167,6 +183,7 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
         "set --config.cluster.coordinator_address=HOST:PORT (process 0's host), "
         "--config.cluster.num_processes and --config.cluster.process_id on every process "
         f"(or export {', '.join(ENV.values())}).") from e
+  _context["process"] = jax.process_index()
   from jax._src import distributed as jd  # pylint: disable=g-import-not-at-top
   client = getattr(getattr(jd, "global_state", None), "client", None)
   if client is not None and jax.process_count() > 1 and _context["watchdog"] is None:
@@ -179,6 +196,15 @@ def finish():
   w, _context["watchdog"] = _context["watchdog"], None
   if w is not None:
     w.stop()
+
+
+def settle():
+  """On an error in a multi-host run: wait until the peers are known alive, or exit with
+  PEER_LOST_EXIT and our message when one is gone (a collective failing because a peer died would
+  otherwise end in jax's shutdown barrier, which aborts the process without a word of ours)."""
+  w = _context["watchdog"]
+  if w is not None:
+    w.settle()
 
 
 def _broadcast(x: np.ndarray) -> np.ndarray:

@@ -250,6 +250,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
   """
   t0 = time.perf_counter()
   maybe_initialize_distributed(config)
+  try:
+    return _train(config, workdir, t0)
+  except BaseException:
+    distributed.settle()  # multi-host: a dead peer is reported as such (exit 75), not aborted
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | None:
+  """train_and_evaluate after jax.distributed is up."""
   run = _start(config)
   workdir = guard.make_workdir(workdir)
   distributed.check_shared_workdir(workdir)  # multi-host: one filesystem, or a clear error
