@@ -1,14 +1,18 @@
 """The quick start trains a 90%-sparse DiagDense MLP to within 3 points of nn.Dense."""
 
-import sys
+from __future__ import annotations
+
+import importlib.util
 from pathlib import Path
 
 import jax.numpy as jnp
 
 import dynadiag_jax as dd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import quickstart  # noqa: E402
+_spec = importlib.util.spec_from_file_location(
+    "quickstart", Path(__file__).resolve().parents[1] / "examples" / "quickstart.py")
+quickstart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quickstart)
 
 
 def test_quickstart_matches_dense_within_three_points():

@@ -137,3 +137,10 @@ def test_corrupt_checkpoint_is_a_clear_error_and_kept(short_run, tmp_path, how):
   assert _digest(wd / "checkpoints") == before  # nothing written, the good step 20 intact
   flat, meta = checkpoint.load(str(wd / "checkpoints"), step=20)
   assert meta["step"] == 20 and int(flat["step"]) == 20
+  inspect = [sys.executable, "-m", "dynadiag_jax.train.verify", str(wd)]
+  r = subprocess.run(inspect, cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == guard.EXIT_ERROR and len(r.stderr.strip().splitlines()) == 1, r.stderr
+  assert r.stderr.startswith("checkpoint: error:") and "step 30" in r.stderr, r.stderr
+  r = subprocess.run(inspect + ["--step", "20"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "step 20 (frozen)" in r.stdout and "every crc32 verified" in r.stdout, r.stdout
