@@ -12,6 +12,8 @@ Sources expose kind ('image' | 'text'), num_classes or vocab_size, input_shape, 
 num_test, train_split, eval_split and get_batch(split, idx, rngs, augment).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import os
 
@@ -26,77 +28,77 @@ from dynadiag_jax.data.pipeline import (Prefetch, batches, default_workers, eval
 from dynadiag_jax.data.text import ByteTokenizer, GPT2Tokenizer, TextSource, get_tokenizer
 
 IMAGE_SETS = tuple(images.INFO)
-TEXT_SETS = ('pydoc', 'wikitext103')
+TEXT_SETS = ("pydoc", "wikitext103")
 _AUG_FIELDS = tuple(f.name for f in dataclasses.fields(AugmentConfig))
 
 
 def default_data_dir() -> str:
   """$DYNADIAG_DATA_DIR, else ~/tensorflow_datasets."""
-  return os.environ.get('DYNADIAG_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+  return os.environ.get("DYNADIAG_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every data option; None means 'the data set's default'."""
   return ml_collections.ConfigDict({
-      'name': 'mnist5k',  # one of IMAGE_SETS + TEXT_SETS
-      'data_dir': None,  # tfds data_dir; None -> default_data_dir()
+      "name": "mnist5k",  # one of IMAGE_SETS + TEXT_SETS
+      "data_dir": None,  # tfds data_dir; None -> default_data_dir()
       # images
-      'image_size': None,  # output side; None -> native (imagenet2012: 224)
-      'crop': None,  # 'none' | 'pad_crop' | 'random_resized_crop'; None -> data set default
-      'pad': None, 'flip': None, 'scale': None, 'ratio': None,
-      'mixup_alpha': None, 'cutmix_alpha': None, 'switch_prob': None, 'mix_prob': None,
+      "image_size": None,  # output side; None -> native (imagenet2012: 224)
+      "crop": None,  # 'none' | 'pad_crop' | 'random_resized_crop'; None -> data set default
+      "pad": None, "flip": None, "scale": None, "ratio": None,
+      "mixup_alpha": None, "cutmix_alpha": None, "switch_prob": None, "mix_prob": None,
       # text
-      'seq_len': 256,
-      'tokenizer': 'auto',  # 'auto' (GPT-2 if vocab_dir holds its files) | 'bytes' | 'gpt2'
-      'vocab_dir': None,  # None -> <data_dir>/gpt2
-      'text_dir': None,  # wikitext103 raw files; None -> <data_dir>/wikitext-103-raw
-      'eval_split': None,  # None -> 'test' (imagenet2012: 'validation', pydoc: 'validation')
+      "seq_len": 256,
+      "tokenizer": "auto",  # 'auto' (GPT-2 if vocab_dir holds its files) | 'bytes' | 'gpt2'
+      "vocab_dir": None,  # None -> <data_dir>/gpt2
+      "text_dir": None,  # wikitext103 raw files; None -> <data_dir>/wikitext-103-raw
+      "eval_split": None,  # None -> 'test' (imagenet2012: 'validation', pydoc: 'validation')
       # loading
-      'workers': ml_collections.config_dict.placeholder(int),  # processes decoding batches;
+      "workers": ml_collections.config_dict.placeholder(int),  # processes decoding batches;
       # None -> 0 (a thread) for sets held in memory, else one per CPU core
-      'prefetch': 2,  # batches ahead, per worker (or in the thread)
+      "prefetch": 2,  # batches ahead, per worker (or in the thread)
   })
 
 
 def augment_config(cfg: ml_collections.ConfigDict, base: AugmentConfig) -> AugmentConfig:
   """base with the augmentation fields that cfg sets (non-None)."""
   over = {k: cfg.get(k) for k in _AUG_FIELDS if cfg.get(k) is not None}
-  over = {k: tuple(v) if k in ('scale', 'ratio') else v for k, v in over.items()}
+  over = {k: tuple(v) if k in ("scale", "ratio") else v for k, v in over.items()}
   return dataclasses.replace(base, **over)
 
 
 def num_workers(cfg: ml_collections.ConfigDict, source) -> int:
   """cfg.workers, or pipeline.default_workers(source) when unset."""
-  w = cfg.get('workers')
+  w = cfg.get("workers")
   return default_workers(source) if w is None else int(w)
 
 
 def build(cfg: ml_collections.ConfigDict) -> ImageSource | TextSource:
   """The source named by cfg.name (offline sets are prepared into data_dir on first use)."""
   name = cfg.name
-  data_dir = os.path.expanduser(cfg.get('data_dir') or default_data_dir())
+  data_dir = os.path.expanduser(cfg.get("data_dir") or default_data_dir())
   if name in IMAGE_SETS:
-    src = ImageSource(name, data_dir, image_size=cfg.get('image_size'))
+    src = ImageSource(name, data_dir, image_size=cfg.get("image_size"))
     src.augment = augment_config(cfg, images.INFO[name].augment)
-    if cfg.get('eval_split'):
+    if cfg.get("eval_split"):
       src.eval_split = cfg.eval_split
     return src
   if name not in TEXT_SETS:
-    raise ValueError(f'unknown data set {name!r}; known: {IMAGE_SETS + TEXT_SETS}')
-  tok = get_tokenizer(cfg.get('tokenizer', 'auto'),
-                      cfg.get('vocab_dir') or os.path.join(data_dir, 'gpt2'))
-  seq_len = cfg.get('seq_len', 256)
-  if name == 'pydoc':
+    raise ValueError(f"unknown data set {name!r}; known: {IMAGE_SETS + TEXT_SETS}")
+  tok = get_tokenizer(cfg.get("tokenizer", "auto"),
+                      cfg.get("vocab_dir") or os.path.join(data_dir, "gpt2"))
+  seq_len = cfg.get("seq_len", 256)
+  if name == "pydoc":
     return text.pydoc_source(seq_len, tok)
-  text_dir = os.path.expanduser(cfg.get('text_dir') or os.path.join(data_dir, 'wikitext-103-raw'))
+  text_dir = os.path.expanduser(cfg.get("text_dir") or os.path.join(data_dir, "wikitext-103-raw"))
   return text.wikitext103_source(text_dir, seq_len, tok,
-                                 cache_dir=os.path.join(data_dir, 'dynadiag_tokens'),
-                                 eval_split=cfg.get('eval_split') or 'test')
+                                 cache_dir=os.path.join(data_dir, "dynadiag_tokens"),
+                                 eval_split=cfg.get("eval_split") or "test")
 
 
 __all__ = [
-    'AugmentConfig', 'ByteTokenizer', 'DataNotFoundError', 'GPT2Tokenizer', 'ImageSource',
-    'Prefetch', 'TextSource', 'augment', 'augment_config', 'batches', 'build', 'builders',
-    'default_config', 'default_data_dir', 'default_workers', 'device', 'eval_batch', 'eval_batches',
-    'get_tokenizer', 'images', 'jpeg', 'num_workers', 'pipeline', 'text', 'train_batch',
+    "AugmentConfig", "ByteTokenizer", "DataNotFoundError", "GPT2Tokenizer", "ImageSource",
+    "Prefetch", "TextSource", "augment", "augment_config", "batches", "build", "builders",
+    "default_config", "default_data_dir", "default_workers", "device", "eval_batch", "eval_batches",
+    "get_tokenizer", "images", "jpeg", "num_workers", "pipeline", "text", "train_batch",
 ]

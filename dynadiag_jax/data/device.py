@@ -45,19 +45,19 @@ def mix(x_BxHxWxC: jnp.ndarray, y_B: jnp.ndarray, num_classes: int, box_Bx4: jnp
 
 def preprocess(source) -> Callable[[Batch], Batch]:
   """fn(batch) -> batch for one device's (b, ...) part of a raw batch: identity for text."""
-  if getattr(source, 'kind', None) != 'image':
+  if getattr(source, "kind", None) != "image":
     return lambda batch: batch
   mean, std, c = np.asarray(source.mean), np.asarray(source.std), source.num_classes
 
   def fn(batch: Batch) -> Batch:
     out = dict(batch)
-    x = batch['image']
+    x = batch["image"]
     if x.dtype == jnp.uint8:
       x = normalize(x, mean, std)
-    out['image'] = x
-    if 'mix_box' in batch:
-      out['image'], out['label'] = mix(x, batch['label'], c, out.pop('mix_box'),
-                                       out.pop('mix_weight'))
+    out["image"] = x
+    if "mix_box" in batch:
+      out["image"], out["label"] = mix(x, batch["label"], c, out.pop("mix_box"),
+                                       out.pop("mix_weight"))
     return out
 
   return fn

@@ -8,6 +8,8 @@ example (jpeg.py), in worker processes when the pipeline has them. Batches are u
 or normalized float32.
 """
 
+from __future__ import annotations
+
 import concurrent.futures
 import dataclasses
 import os
@@ -32,41 +34,41 @@ class ImageInfo:
   num_classes: int
   mean: tuple[float, ...]  # per channel, on the [0, 1] scale
   std: tuple[float, ...]
-  eval_split: str = 'test'
+  eval_split: str = "test"
   crop_frac: float = 1.0  # eval: central crop of this fraction of the short side
   augment: aug.AugmentConfig = aug.AugmentConfig()  # training default
   cache: bool = True  # small enough to hold decoded in memory
 
 
-_FLIP_PAD = aug.AugmentConfig(crop='pad_crop', pad=4, flip=True)
+_FLIP_PAD = aug.AugmentConfig(crop="pad_crop", pad=4, flip=True)
 INFO = {
-    'mnist5k': ImageInfo(28, 1, 10, (0.1313,), (0.3086,)),
-    'digits': ImageInfo(8, 1, 10, (0.3053,), (0.3759,)),
-    'mnist': ImageInfo(28, 1, 10, (0.1307,), (0.3081,)),
-    'cifar10': ImageInfo(32, 3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+    "mnist5k": ImageInfo(28, 1, 10, (0.1313,), (0.3086,)),
+    "digits": ImageInfo(8, 1, 10, (0.3053,), (0.3759,)),
+    "mnist": ImageInfo(28, 1, 10, (0.1307,), (0.3081,)),
+    "cifar10": ImageInfo(32, 3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
                          augment=_FLIP_PAD),
-    'cifar100': ImageInfo(32, 3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
+    "cifar100": ImageInfo(32, 3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
                           augment=_FLIP_PAD),
-    'imagenet2012': ImageInfo(224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
-                              eval_split='validation', crop_frac=0.875,
-                              augment=aug.AugmentConfig(crop='random_resized_crop', flip=True),
+    "imagenet2012": ImageInfo(224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                              eval_split="validation", crop_frac=0.875,
+                              augment=aug.AugmentConfig(crop="random_resized_crop", flip=True),
                               cache=False),
 }
 
 
 def _prepare_help(name: str, data_dir: str) -> str:
   """The exact steps that put `name` into data_dir as array_record."""
-  build = f'tfds build {name} --data_dir={data_dir} --file_format=array_record'
-  pip = 'pip install tensorflow tensorflow-datasets==4.9.10 importlib_resources'  # tfds#11212
-  if name == 'imagenet2012':
-    manual = os.path.join(data_dir, 'downloads', 'manual')
-    return (f'ImageNet needs a manual download: register at https://image-net.org/download-images, '
-            f'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into {manual}/, then run '
-            f'(no TensorFlow needed): python -m dynadiag_jax.data.prepare imagenet2012 '
-            f'--manual_dir={manual} --data_dir={data_dir} (or, with TensorFlow: {build})')
-  return (f'On a machine with internet access and TensorFlow ({pip}) run: {build} ; '
-          f'then copy {os.path.join(data_dir, name)} to this machine (same path, or point '
-          f'cfg.data_dir / DYNADIAG_DATA_DIR at it).')
+  build = f"tfds build {name} --data_dir={data_dir} --file_format=array_record"
+  pip = "pip install tensorflow tensorflow-datasets==4.9.10 importlib_resources"  # tfds#11212
+  if name == "imagenet2012":
+    manual = os.path.join(data_dir, "downloads", "manual")
+    return (f"ImageNet needs a manual download: register at https://image-net.org/download-images, "
+            f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into {manual}/, then run "
+            f"(no TensorFlow needed): python -m dynadiag_jax.data.prepare imagenet2012 "
+            f"--manual_dir={manual} --data_dir={data_dir} (or, with TensorFlow: {build})")
+  return (f"On a machine with internet access and TensorFlow ({pip}) run: {build} ; "
+          f"then copy {os.path.join(data_dir, name)} to this machine (same path, or point "
+          f"cfg.data_dir / DYNADIAG_DATA_DIR at it).")
 
 
 def load_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
@@ -74,16 +76,16 @@ def load_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if name in builders.OFFLINE:
     return builders.prepare(name, data_dir)
   if name not in INFO:
-    raise ValueError(f'unknown image data set {name!r}; known: {sorted(INFO)}')
+    raise ValueError(f"unknown image data set {name!r}; known: {sorted(INFO)}")
   builder = tfds.builder(name, data_dir=data_dir)
   if not builder.is_prepared():
     raise DataNotFoundError(
-        f'Data set {name!r} is not prepared in data_dir {data_dir!r} (looked for '
-        f'{builder.data_path}). {_prepare_help(name, data_dir)}')
+        f"Data set {name!r} is not prepared in data_dir {data_dir!r} (looked for "
+        f"{builder.data_path}). {_prepare_help(name, data_dir)}")
   if builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
     raise DataNotFoundError(
-        f'Data set {name!r} in {builder.data_path} is in {builder.info.file_format.value} format; '
-        f'random access needs array_record. {_prepare_help(name, data_dir)}')
+        f"Data set {name!r} in {builder.data_path} is in {builder.info.file_format.value} format; "
+        f"random access needs array_record. {_prepare_help(name, data_dir)}")
   return builder
 
 
@@ -96,12 +98,12 @@ class ImageSource(Source):
   within this process for sets not held in memory (0: none).
   """
 
-  kind = 'image'
+  kind = "image"
 
   def __init__(self, name: str, data_dir: str, image_size: int | None = None,
                augment: aug.AugmentConfig | None = None, cache: bool | None = None,
-               num_workers: int = 8, decoder: str = 'fast'):
-    if decoder not in ('fast', 'pil'):
+               num_workers: int = 8, decoder: str = "fast"):
+    if decoder not in ("fast", "pil"):
       raise ValueError(f"decoder must be 'fast' or 'pil', got {decoder!r}")
     self.name, self.data_dir = name, data_dir
     self.info = INFO[name]
@@ -110,7 +112,7 @@ class ImageSource(Source):
     self.augment = augment if augment is not None else self.info.augment  # training default
     self.cache = self.info.cache if cache is None else cache
     self.decoder, self.threads = decoder, num_workers
-    self.train_split, self.eval_split = 'train', self.info.eval_split
+    self.train_split, self.eval_split = "train", self.info.eval_split
     self.mean = np.asarray(self.info.mean, np.float32) * 255.0
     self.std = np.asarray(self.info.std, np.float32) * 255.0
     self._init_local()
@@ -124,8 +126,8 @@ class ImageSource(Source):
   def __getstate__(self) -> dict:
     """Picklable for worker processes: readers and pools are reopened there (no threads)."""
     state = {k: v for k, v in self.__dict__.items()
-             if k not in ('_sources', '_arrays', '_lock', '_pool', 'builder')}
-    state['threads'] = 0
+             if k not in ("_sources", "_arrays", "_lock", "_pool", "builder")}
+    state["threads"] = 0
     return state
 
   def __setstate__(self, state: dict):
@@ -145,7 +147,7 @@ class ImageSource(Source):
   @property
   def encoded(self) -> bool:
     """Whether examples are read as encoded bytes and decoded per example (jpeg.py)."""
-    return not self.cache and self.decoder == 'fast'
+    return not self.cache and self.decoder == "fast"
 
   def num_examples(self, split: str) -> int:
     """Examples in one split."""
@@ -155,7 +157,7 @@ class ImageSource(Source):
     """The tfds random-access data source of one split (array_record); bytes if `encoded`."""
     with self._lock:
       if split not in self._sources:
-        dec = {'image': tfds.decode.SkipDecoding()} if self.encoded else None
+        dec = {"image": tfds.decode.SkipDecoding()} if self.encoded else None
         self._sources[split] = self.builder.as_data_source(split=split, decoders=dec)
       return self._sources[split]
 
@@ -166,7 +168,7 @@ class ImageSource(Source):
         return self._arrays[split]
     ds = self.builder.as_data_source(split=split)
     exs = ds.__getitems__(list(range(len(ds))))
-    out = (np.stack([e['image'] for e in exs]), np.asarray([e['label'] for e in exs], np.int32))
+    out = (np.stack([e["image"] for e in exs]), np.asarray([e["label"] for e in exs], np.int32))
     with self._lock:
       self._arrays[split] = out
     return out
@@ -176,7 +178,7 @@ class ImageSource(Source):
       x, y = self.arrays(split)
       return x[i], int(y[i])
     e = self.data_source(split)[int(i)]
-    return e['image'], int(e['label'])
+    return e["image"], int(e["label"])
 
   def transform(self, x_HxWxC: np.ndarray, rng: np.random.Generator | None,
                 augment: aug.AugmentConfig | None) -> np.ndarray:
@@ -206,11 +208,11 @@ class ImageSource(Source):
     elif self.cache and (rngs is None or augment is None) and self.info.crop_frac >= 1.0 \
         and self.image_size == self.info.size:
       x, y = self.arrays(split)  # fast path: no per-example work
-      return {'image': finish(x[idx]), 'label': y[idx]}
+      return {"image": finish(x[idx]), "label": y[idx]}
     else:
       out = [one(k) for k in range(len(idx))]
     x = np.stack([o[0] for o in out]) if out else np.zeros((0, *self.input_shape), np.uint8)
-    return {'image': finish(x), 'label': np.asarray([o[1] for o in out], np.int32)}
+    return {"image": finish(x), "label": np.asarray([o[1] for o in out], np.int32)}
 
   def close(self):
     """Stops the decoding threads (if any)."""

@@ -35,10 +35,10 @@ def size(data: bytes) -> tuple[int, int]:
 def decode(data: bytes) -> np.ndarray:
   """uint8 (H, W, 3) RGB."""
   try:
-    return simplejpeg.decode_jpeg(data, colorspace='RGB')
+    return simplejpeg.decode_jpeg(data, colorspace="RGB")
   except ValueError:  # not a baseline/progressive RGB or greyscale JPEG
     with Image.open(io.BytesIO(data)) as img:
-      return np.asarray(img.convert('RGB'))
+      return np.asarray(img.convert("RGB"))
 
 
 def crop_resize(x_HxWxC: np.ndarray, box: tuple[float, float, float, float],
@@ -68,12 +68,12 @@ def example(data: bytes, out: int, rng: np.random.Generator | None = None,
   h, w = x.shape[:2]
   if rng is None or cfg is None:
     return crop_resize(x, aug.center_box(h, w, crop_frac), out)
-  if cfg.crop == 'random_resized_crop':
+  if cfg.crop == "random_resized_crop":
     y = crop_resize(x, aug.rrc_box(rng, h, w, cfg.scale, cfg.ratio), out)
-  elif cfg.crop == 'none':
+  elif cfg.crop == "none":
     y = crop_resize(x, aug.center_box(h, w, crop_frac), out)
   else:
-    raise ValueError(f'crop {cfg.crop!r} is not supported on encoded images; use '
+    raise ValueError(f"crop {cfg.crop!r} is not supported on encoded images; use "
                      "'random_resized_crop' or 'none'")
   if cfg.flip and rng.random() < 0.5:
     y = y[:, ::-1]

@@ -16,6 +16,8 @@ int labels and the mixup/cutmix numbers (`mix_box`, `mix_weight`), which data.de
 there together with the normalization; `raw=False` does the same on the host (float32).
 """
 
+from __future__ import annotations
+
 import functools
 import queue
 import threading
@@ -55,8 +57,8 @@ def _host_slice(global_batch: int, process_index: int, process_count: int,
                 num_devices: int) -> slice:
   """This host's positions within a global batch."""
   if global_batch % (process_count * num_devices):
-    raise ValueError(f'global_batch {global_batch} is not divisible by process_count '
-                     f'{process_count} x num_devices {num_devices}')
+    raise ValueError(f"global_batch {global_batch} is not divisible by process_count "
+                     f"{process_count} x num_devices {num_devices}")
   b = global_batch // process_count
   return slice(process_index * b, (process_index + 1) * b)
 
@@ -84,34 +86,34 @@ def train_batch(source, step: int, *, global_batch: int, seed: int, process_inde
   (augment.mix_params) for data.device; else normalized float32, mixed on the host.
   """
   if seed < 0 or step < 0:
-    raise ValueError(f'seed and step must be >= 0, got {seed}, {step}')
+    raise ValueError(f"seed and step must be >= 0, got {seed}, {step}")
   sl = _host_slice(global_batch, process_index, process_count, num_devices)
   j = np.arange(sl.start, sl.stop)
   idx = train_indices(seed, step * global_batch + j, source.num_train)
-  if source.kind != 'image':
+  if source.kind != "image":
     return _shape(source.get_batch(source.train_split, idx), num_devices, shard)
   augment = source.augment if augment is None else augment
   mixes = augment is not None and augment.mixes
   if mixes and len(j) % 2:
-    raise ValueError(f'mixup/cutmix need an even batch per host, got {len(j)}')
+    raise ValueError(f"mixup/cutmix need an even batch per host, got {len(j)}")
   if mixes and raw and (len(j) // num_devices) % 2:
-    raise ValueError(f'mixup/cutmix on the devices need an even batch per device, got '
-                     f'{len(j) // num_devices}')
+    raise ValueError(f"mixup/cutmix on the devices need an even batch per device, got "
+                     f"{len(j) // num_devices}")
   rngs = None
-  if augment is not None and (augment.crop != 'none' or augment.flip):
+  if augment is not None and (augment.crop != "none" or augment.flip):
     rngs = [np.random.default_rng([seed, _AUG, step, int(k)]) for k in j]
   batch = source.get_batch(source.train_split, idx, rngs, augment, raw=True)
   if mixes:
     pair_rngs = [np.random.default_rng([seed, _MIX, step, int(k) // 2]) for k in j[::2]]
-    b, h, w = batch['image'].shape[:3]
+    b, h, w = batch["image"].shape[:3]
     box, wt = aug.mix_params(pair_rngs, augment, b, h, w)
     if raw:
-      batch['mix_box'], batch['mix_weight'] = box, wt
+      batch["mix_box"], batch["mix_weight"] = box, wt
     else:
-      batch['image'], batch['label'] = aug.apply_mix(
-          source.normalize(batch['image']), batch['label'], source.num_classes, box, wt)
+      batch["image"], batch["label"] = aug.apply_mix(
+          source.normalize(batch["image"]), batch["label"], source.num_classes, box, wt)
   elif not raw:
-    batch['image'] = source.normalize(batch['image'])
+    batch["image"] = source.normalize(batch["image"])
   return _shape(batch, num_devices, shard)
 
 
@@ -131,9 +133,9 @@ def eval_batch(source, k: int, *, global_batch: int, split: str | None = None,
   g = k * global_batch + np.arange(sl.start, sl.stop)
   mask = g < n
   idx = np.where(mask, g, 0)
-  batch = source.get_batch(split, idx, raw=raw) if source.kind == 'image' else \
+  batch = source.get_batch(split, idx, raw=raw) if source.kind == "image" else \
       source.get_batch(split, idx)
-  batch['mask'] = mask.astype(np.float32)
+  batch["mask"] = mask.astype(np.float32)
   return _shape(batch, num_devices, shard)
 
 
@@ -176,7 +178,7 @@ class Prefetch(Iterator[Batch]):
   def __init__(self, it: Iterable[Any], size: int = 2):
     self._q, self._stop, self._done = queue.Queue(maxsize=max(size, 1)), threading.Event(), False
     self._thread = threading.Thread(target=_produce, args=(iter(it), self._q, self._stop),
-                                    daemon=True, name='dynadiag-prefetch')
+                                    daemon=True, name="dynadiag-prefetch")
     self._thread.start()
 
   def __next__(self) -> Batch:
@@ -232,7 +234,7 @@ class _Workers(Iterator[Batch]):
   def close(self):
     """Stops the worker processes."""
     it, self._it = self._it, None
-    if it is not None and hasattr(it, 'close'):
+    if it is not None and hasattr(it, "close"):
       it.close()
 
   def __enter__(self):
@@ -246,7 +248,7 @@ def _stream(make: Callable[[int], Batch], steps: range, workers: int,
             prefetch: int) -> Iterator[Batch]:
   """make(s) for s in steps: in `workers` processes, else in a prefetch thread (or inline)."""
   if workers < 0:
-    raise ValueError(f'workers must be >= 0, got {workers}')
+    raise ValueError(f"workers must be >= 0, got {workers}")
   if workers > 0 and len(steps):
     return _Workers(make, steps, workers, prefetch)
   return Prefetch(map(make, steps), prefetch) if prefetch > 0 else iter(map(make, steps))
@@ -255,9 +257,9 @@ def _stream(make: Callable[[int], Batch], steps: range, workers: int,
 def default_workers(source) -> int:
   """Worker processes when the config leaves it open: 0 for sets in memory, else the CPU count."""
   import os  # pylint: disable=g-import-not-at-top
-  if source.kind != 'image' or not getattr(source, 'encoded', False):
+  if source.kind != "image" or not getattr(source, "encoded", False):
     return 0
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _ENDLESS = 2**40  # steps of an endless stream
@@ -285,7 +287,7 @@ def batches(source, global_batch: int, seed: int = 0, start_step: int = 0,
                         process_count=process_count, shard=shard, prefetch=prefetch, split=split,
                         raw=raw, workers=workers)
   if split not in (None, source.train_split):
-    raise ValueError(f'training batches come from {source.train_split!r}, not {split!r}')
+    raise ValueError(f"training batches come from {source.train_split!r}, not {split!r}")
   make: Callable[[int], Batch] = functools.partial(
       train_batch, source, global_batch=global_batch, seed=seed, process_index=process_index,
       process_count=process_count, num_devices=num_devices, augment=augment, shard=shard, raw=raw)

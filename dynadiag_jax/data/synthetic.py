@@ -17,8 +17,8 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-CMYK_NAME = 'n01739381_1309.JPEG'  # names tfds lists as CMYK / PNG in the real archive
-PNG_NAME = 'n02105855_2933.JPEG'
+CMYK_NAME = "n01739381_1309.JPEG"  # names tfds lists as CMYK / PNG in the real archive
+PNG_NAME = "n02105855_2933.JPEG"
 
 
 def pink_field(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -48,16 +48,16 @@ class PinkImages:
     return np.clip(r.uniform(90, 170) + 48 * x, 0, 255).astype(np.uint8)
 
 
-def encode(x_HxWx3: np.ndarray, fmt: str = 'jpeg', quality: int = 90) -> bytes:
+def encode(x_HxWx3: np.ndarray, fmt: str = "jpeg", quality: int = 90) -> bytes:
   """Image bytes: 'jpeg' (RGB), 'cmyk' (a CMYK JPEG) or 'png'."""
   img = Image.fromarray(x_HxWx3)
   buf = io.BytesIO()
-  if fmt == 'cmyk':
-    img.convert('CMYK').save(buf, format='jpeg', quality=quality)
-  elif fmt == 'png':
-    img.save(buf, format='png')
+  if fmt == "cmyk":
+    img.convert("CMYK").save(buf, format="jpeg", quality=quality)
+  elif fmt == "png":
+    img.save(buf, format="png")
   else:
-    img.save(buf, format='jpeg', quality=quality)
+    img.save(buf, format="jpeg", quality=quality)
   return buf.getvalue()
 
 
@@ -76,14 +76,14 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes):
 def synsets() -> list[str]:
   """ImageNet's 1000 synset ids in tfds' label order."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  path = tfds.core.tfds_path('datasets/imagenet2012/labels.txt')
+  path = tfds.core.tfds_path("datasets/imagenet2012/labels.txt")
   return path.read_text().split()
 
 
 def val_labels() -> list[str]:
   """tfds' validation labels: synset of ILSVRC2012_val_<k>.JPEG in sorted-name order."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  path = tfds.core.tfds_path('datasets/imagenet2012/validation_labels.txt')
+  path = tfds.core.tfds_path("datasets/imagenet2012/validation_labels.txt")
   return path.read_text().split()
 
 
@@ -98,33 +98,33 @@ def write_imagenet_tars(manual_dir: str, num_train: int, num_val: int, num_class
   rng = np.random.default_rng(seed)
   pink = PinkImages(rng)
   names = synsets()[:num_classes]
-  files: dict[str, list] = {'train': [], 'validation': []}
+  files: dict[str, list] = {"train": [], "validation": []}
   per = {s: [] for s in names}
   for k in range(num_train):
     s = names[k % num_classes]
-    per[s].append(f'{s}_{k}.JPEG')
+    per[s].append(f"{s}_{k}.JPEG")
   if oddities and num_train >= 2:
     for odd in (CMYK_NAME, PNG_NAME):
-      s = odd.split('_')[0]
+      s = odd.split("_")[0]
       if s not in per:  # put it in place of a regular file of the first synset
         per[names[0]].pop()
         per[s] = []
       per[s].append(odd)
-  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_train.tar'), 'w') as outer:
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
     for s, fnames in per.items():
       if not fnames:
         continue
       inner_buf = io.BytesIO()
-      with tarfile.open(fileobj=inner_buf, mode='w') as inner:
+      with tarfile.open(fileobj=inner_buf, mode="w") as inner:
         for f in fnames:
-          fmt = 'cmyk' if f == CMYK_NAME else 'png' if f == PNG_NAME else 'jpeg'
+          fmt = "cmyk" if f == CMYK_NAME else "png" if f == PNG_NAME else "jpeg"
           _add(inner, f, encode(pink(*random_size(rng)), fmt))
-          files['train'].append((f, s))
-      _add(outer, f'{s}.tar', inner_buf.getvalue())
+          files["train"].append((f, s))
+      _add(outer, f"{s}.tar", inner_buf.getvalue())
   labels = val_labels()
-  with tarfile.open(os.path.join(manual_dir, 'ILSVRC2012_img_val.tar'), 'w') as tar:
+  with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as tar:
     for k in range(1, num_val + 1):
-      f = f'ILSVRC2012_val_{k:08d}.JPEG'
+      f = f"ILSVRC2012_val_{k:08d}.JPEG"
       _add(tar, f, encode(pink(*random_size(rng))))
-      files['validation'].append((f, labels[k - 1]))
+      files["validation"].append((f, labels[k - 1]))
   return files

@@ -6,6 +6,8 @@ into non-overlapping windows of seq_len + 1 tokens; window i gives inputs = w[:-
 targets = w[1:]. The pipeline draws windows in a seeded order (pipeline.py).
 """
 
+from __future__ import annotations
+
 import array
 import functools
 import hashlib
@@ -28,10 +30,10 @@ except ImportError:  # approximation with `re`: letters [^\W\d_], numbers \d
   _GPT2_PAT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
   EXACT_GPT2_PATTERN = False
 
-GPT2_FILES = ('vocab.json', 'merges.txt')
-GPT2_URL = 'https://huggingface.co/openai-community/gpt2/resolve/main'
-WIKITEXT_FILES = {'train': 'wiki.train.raw', 'validation': 'wiki.valid.raw', 'test': 'wiki.test.raw'}
-WIKITEXT_URL = 'https://wikitext.smerity.com/wikitext-103-raw-v1.zip'
+GPT2_FILES = ("vocab.json", "merges.txt")
+GPT2_URL = "https://huggingface.co/openai-community/gpt2/resolve/main"
+WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
+WIKITEXT_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
 
 
 class ByteTokenizer:
@@ -39,23 +41,23 @@ class ByteTokenizer:
 
   vocab_size = 257
   eos_id = 256
-  name = 'bytes'
+  name = "bytes"
 
   def encode(self, text: str) -> np.ndarray:
     """str -> int32 token ids."""
-    return np.frombuffer(text.encode('utf-8'), np.uint8).astype(np.int32)
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Token ids -> str (EOS dropped, invalid UTF-8 replaced)."""
     ids = np.asarray(ids)
-    return ids[ids < 256].astype(np.uint8).tobytes().decode('utf-8', errors='replace')
+    return ids[ids < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode() -> dict[int, str]:
   """GPT-2's reversible map from the 256 bytes to printable unicode characters."""
-  bs = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + \
-      list(range(ord('®'), ord('ÿ') + 1))
+  bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+      list(range(ord("®"), ord("ÿ") + 1))
   cs = bs[:]
   n = 0
   for b in range(256):
@@ -69,29 +71,29 @@ def bytes_to_unicode() -> dict[int, str]:
 class GPT2Tokenizer:
   """GPT-2 byte-level BPE from `vocab.json` and `merges.txt` (pure Python, cached per word)."""
 
-  name = 'gpt2'
+  name = "gpt2"
 
   def __init__(self, vocab_path: str, merges_path: str):
-    with open(vocab_path, encoding='utf-8') as f:
+    with open(vocab_path, encoding="utf-8") as f:
       self.encoder: dict[str, int] = json.load(f)
-    with open(merges_path, encoding='utf-8') as f:
-      lines = [l for l in f.read().split('\n') if l and not l.startswith('#version')]
+    with open(merges_path, encoding="utf-8") as f:
+      lines = [l for l in f.read().split("\n") if l and not l.startswith("#version")]
     self.ranks = {tuple(l.split()): i for i, l in enumerate(lines)}
     self.decoder = {v: k for k, v in self.encoder.items()}
     self.byte_encoder = bytes_to_unicode()
     self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
     self.pat = _re.compile(_GPT2_PAT)
     self.vocab_size = max(self.encoder.values()) + 1
-    self.eos_id = self.encoder.get('<|endoftext|>')
+    self.eos_id = self.encoder.get("<|endoftext|>")
     h = hashlib.sha1()
     for p in (vocab_path, merges_path):
-      with open(p, 'rb') as f:
+      with open(p, "rb") as f:
         h.update(f.read())
     self.fingerprint = h.hexdigest()[:12]
     self._cache: dict[str, list[int]] = {}
 
   @classmethod
-  def from_dir(cls, d: str) -> 'GPT2Tokenizer':
+  def from_dir(cls, d: str) -> "GPT2Tokenizer":
     """The tokenizer whose files lie in directory d."""
     return cls(*(os.path.join(d, f) for f in GPT2_FILES))
 
@@ -101,7 +103,7 @@ class GPT2Tokenizer:
       return self._cache[token]
     word = tuple(token)
     while len(word) > 1:
-      pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, float('inf')))
+      pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, float("inf")))
       if pair not in self.ranks:
         break
       first, second = pair
@@ -122,27 +124,27 @@ class GPT2Tokenizer:
     """str -> int32 token ids."""
     ids = []
     for piece in self.pat.findall(text):
-      ids.extend(self._bpe(''.join(self.byte_encoder[b] for b in piece.encode('utf-8'))))
+      ids.extend(self._bpe("".join(self.byte_encoder[b] for b in piece.encode("utf-8"))))
     return np.asarray(ids, np.int32)
 
   def decode(self, ids: Sequence[int]) -> str:
     """Token ids -> str (invalid UTF-8 replaced)."""
-    s = ''.join(self.decoder[int(i)] for i in ids)
-    return bytes(self.byte_decoder[c] for c in s).decode('utf-8', errors='replace')
+    s = "".join(self.decoder[int(i)] for i in ids)
+    return bytes(self.byte_decoder[c] for c in s).decode("utf-8", errors="replace")
 
 
-def get_tokenizer(kind: str = 'auto', vocab_dir: str | None = None) -> ByteTokenizer | GPT2Tokenizer:
+def get_tokenizer(kind: str = "auto", vocab_dir: str | None = None) -> ByteTokenizer | GPT2Tokenizer:
   """'bytes', 'gpt2' (files in vocab_dir must exist) or 'auto' (gpt2 when they exist, else bytes)."""
   present = vocab_dir is not None and all(
       os.path.isfile(os.path.join(vocab_dir, f)) for f in GPT2_FILES)
-  if kind == 'bytes' or (kind == 'auto' and not present):
+  if kind == "bytes" or (kind == "auto" and not present):
     return ByteTokenizer()
-  if kind not in ('gpt2', 'auto'):
+  if kind not in ("gpt2", "auto"):
     raise ValueError(f"tokenizer must be 'auto', 'bytes' or 'gpt2', got {kind!r}")
   if not present:
     raise DataNotFoundError(
-        f'GPT-2 tokenizer files {GPT2_FILES} not found in {vocab_dir!r}. Get them with: '
-        f'mkdir -p {vocab_dir} && cd {vocab_dir} && wget {GPT2_URL}/vocab.json {GPT2_URL}/merges.txt')
+        f"GPT-2 tokenizer files {GPT2_FILES} not found in {vocab_dir!r}. Get them with: "
+        f"mkdir -p {vocab_dir} && cd {vocab_dir} && wget {GPT2_URL}/vocab.json {GPT2_URL}/merges.txt")
   return GPT2Tokenizer.from_dir(vocab_dir)
 
 
@@ -163,17 +165,17 @@ def pydoc_streams(tok, val_frac: float = 0.1) -> dict[str, np.ndarray]:
   topics = pydoc_data.topics.topics
   s = _join([tok.encode(topics[k]) for k in sorted(topics)], tok.eos_id, tok.vocab_size)
   n = int(round(len(s) * (1 - val_frac)))
-  return {'train': s[:n], 'validation': s[n:]}
+  return {"train": s[:n], "validation": s[n:]}
 
 
 def _encode_file(path: str, tok: GPT2Tokenizer) -> np.ndarray:
   """A text file, line by line, as one id stream."""
-  buf = array.array('i')
-  with open(path, encoding='utf-8') as f:
+  buf = array.array("i")
+  with open(path, encoding="utf-8") as f:
     for k, line in enumerate(f):
       buf.extend(tok.encode(line).tolist())
       if k % 200_000 == 0 and k:
-        logging.info('%s: %d lines, %d tokens', path, k, len(buf))
+        logging.info("%s: %d lines, %d tokens", path, k, len(buf))
   return np.frombuffer(buf, np.int32).astype(_stream_dtype(tok.vocab_size))
 
 
@@ -191,35 +193,35 @@ def wikitext103_streams(text_dir: str, tok, cache_dir: str | None = None) -> dic
   for split, fname in WIKITEXT_FILES.items():
     path = os.path.join(text_dir, fname)
     if isinstance(tok, ByteTokenizer):
-      out[split] = np.memmap(path, np.uint8, mode='r')
+      out[split] = np.memmap(path, np.uint8, mode="r")
       continue
     cache = os.path.join(cache_dir or text_dir,
-                         f'wikitext103.{split}.{tok.name}-{tok.fingerprint}.npy')
+                         f"wikitext103.{split}.{tok.name}-{tok.fingerprint}.npy")
     if not os.path.isfile(cache):
-      logging.info('Tokenizing %s into %s (once).', path, cache)
+      logging.info("Tokenizing %s into %s (once).", path, cache)
       ids = _encode_file(path, tok)
       os.makedirs(os.path.dirname(cache), exist_ok=True)
-      tmp = f'{cache}.tmp{os.getpid()}.npy'
+      tmp = f"{cache}.tmp{os.getpid()}.npy"
       np.save(tmp, ids)
       os.replace(tmp, cache)
-    out[split] = np.load(cache, mmap_mode='r')
+    out[split] = np.load(cache, mmap_mode="r")
   return out
 
 
 class TextSource(Source):
   """Windows of a token stream: {'inputs', 'targets'} int32 (b, seq_len) per batch."""
 
-  kind = 'text'
+  kind = "text"
 
   def __init__(self, name: str, streams: dict[str, np.ndarray], tokenizer, seq_len: int,
                eval_split: str):
     self.name, self.streams, self.tokenizer, self.seq_len = name, streams, tokenizer, seq_len
-    self.train_split, self.eval_split = 'train', eval_split
+    self.train_split, self.eval_split = "train", eval_split
     self.augment = None
     for split in streams:
       if self.num_examples(split) < 1:
-        raise ValueError(f'{name} {split}: {len(streams[split])} tokens, fewer than '
-                         f'seq_len + 1 = {seq_len + 1}')
+        raise ValueError(f"{name} {split}: {len(streams[split])} tokens, fewer than "
+                         f"seq_len + 1 = {seq_len + 1}")
 
   @property
   def vocab_size(self) -> int:
@@ -240,7 +242,7 @@ class TextSource(Source):
     w = np.stack([np.asarray(s[i * L:i * L + L + 1]) for i in np.asarray(idx, np.int64)]) \
         if len(idx) else np.zeros((0, L + 1), np.int32)
     w = w.astype(np.int32)
-    return {'inputs': w[:, :-1], 'targets': w[:, 1:]}
+    return {"inputs": w[:, :-1], "targets": w[:, 1:]}
 
   def close(self):
     """Nothing to release."""
@@ -249,12 +251,12 @@ class TextSource(Source):
 def pydoc_source(seq_len: int, tok=None, val_frac: float = 0.1) -> TextSource:
   """The offline default corpus (CPython docs), byte-level unless a tokenizer is given."""
   tok = tok or ByteTokenizer()
-  return TextSource('pydoc', pydoc_streams(tok, val_frac), tok, seq_len, 'validation')
+  return TextSource("pydoc", pydoc_streams(tok, val_frac), tok, seq_len, "validation")
 
 
 def wikitext103_source(text_dir: str, seq_len: int, tok=None, cache_dir: str | None = None,
-                       eval_split: str = 'test') -> TextSource:
+                       eval_split: str = "test") -> TextSource:
   """WikiText-103 from its raw files in text_dir."""
   tok = tok or ByteTokenizer()
-  return TextSource('wikitext103', wikitext103_streams(text_dir, tok, cache_dir), tok, seq_len,
+  return TextSource("wikitext103", wikitext103_streams(text_dir, tok, cache_dir), tok, seq_len,
                     eval_split)
