@@ -138,6 +138,6 @@ def base() -> ml_collections.ConfigDict:
   c.eval_every = 0  # steps; 0 = only at the end
   c.log_every = 50
   c.progress_bar = True
-  c.fast_compile = False  # XLA's cheap CPU passes: ~2x faster compiles, slower steps
+  c.fast_compile = False  # XLA's cheap CPU passes: ~2x faster compiles, slower steps (single-process runs)
   c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep": 3, "async_save": True})
   return c

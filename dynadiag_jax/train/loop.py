@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import os
 import signal
@@ -139,8 +140,7 @@ class Run:
     tx = build.build_optimizer(config, steps, sched, spe)
     tx = methods.wrap_optimizer(config, tx, model, spec.dummy_input(), sparsity, steps)
     return cls(config, local_devices(config), source, spec, model, sparsity, steps, sched, tx,
-               build.learning_rate(config, steps, spe),
-               FAST_COMPILE if config.get("fast_compile") else None)
+               build.learning_rate(config, steps, spe), _compile_options(config))
 
   def fresh(self) -> state_lib.TrainState:
     """The initial state, un-replicated."""
@@ -236,6 +236,18 @@ def _mask_totals(run: Run, host: state_lib.TrainState) -> dict:
   n = sum(kept.values())
   return {"sparsity": 1.0 - n / dense, "stored_params": tot["stored_params"] - dense + n,
           "layer_kept": kept}
+
+
+def _compile_options(config: ml_collections.ConfigDict) -> dict | None:
+  """FAST_COMPILE for config.fast_compile, single-process runs only (jax's ahead-of-time pmap
+  expects every process's devices; multi-host runs compile with XLA's defaults, said once)."""
+  if not config.get("fast_compile"):
+    return None
+  if jax.process_count() > 1:
+    logging.getLogger(__name__).warning("fast_compile=True is ignored in a multi-process run: jax's ahead-of-time "
+                    "pmap compiles for the global devices; XLA's default passes are used.")
+    return None
+  return FAST_COMPILE
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
