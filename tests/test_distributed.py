@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -71,23 +72,28 @@ def _steps(wd: Path) -> list[int]:
   return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+def _kill_peer_when(procs: list[subprocess.Popen], ready: Callable[[], bool]) -> tuple[int, str]:
+  """SIGKILLs process 1 as soon as `ready()`; (returncode, stderr) of process 0."""
+  try:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not ready():
+      assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+      time.sleep(0.001)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    return _finish(procs[:1], timeout=60)[0]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
 def test_two_processes_peer_killed_restart_resumes_bitwise(tmp_path):
   ref, run = tmp_path / "ref", tmp_path / "run"
   for rc, err in _finish(_start([ref, ref], _port())):  # uninterrupted
     assert rc == 0, err[-3000:]
 
   procs = _start([run, run], _port())
-  try:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not any(s >= 10 for s in _steps(run)):
-      assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
-      time.sleep(0.01)
-    os.kill(procs[1].pid, signal.SIGKILL)
-    rc0, err0 = _finish(procs[:1], timeout=60)[0]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  rc0, err0 = _kill_peer_when(procs, lambda: any(s >= 10 for s in _steps(run)))
   assert procs[1].wait() == -signal.SIGKILL
   done = any(s == STEPS for s in _steps(run))
   if not done:  # the survivor says what happened and how to go on, then exits
@@ -113,17 +119,7 @@ def test_peer_killed_during_first_save_is_reported_not_aborted(tmp_path):
   run = tmp_path / "run"
   procs = _start([run, run], _port(), "--config.fast_compile=True")
   d = run / "checkpoints"
-  try:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (d.is_dir() and any(d.iterdir())):
-      assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
-      time.sleep(0.001)
-    os.kill(procs[1].pid, signal.SIGKILL)
-    rc0, err0 = _finish(procs[:1], timeout=60)[0]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  rc0, err0 = _kill_peer_when(procs, lambda: d.is_dir() and any(d.iterdir()))
   assert rc0 == distributed.PEER_LOST_EXIT, err0[-3000:]
   assert "a peer process died" in err0 and "restart every process" in err0, err0[-3000:]
   assert "fast_compile=True is ignored in a multi-process run" in err0, err0[-3000:]
