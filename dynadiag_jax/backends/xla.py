@@ -185,65 +185,91 @@ def _dv_blocks(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
 
 
 # -- single diagonals (b = 1) ----------------------------------------------------------------
+# Two forms over a line of length L and windows of length S <= L (offsets o_K < L):
+# - gather: out[:, t] = sum_k a[:, (o_k + t) % L] * v[k, t]          (t < S)
+# - scatter: out[:, (o_k + t) % L] += a[:, t] * v[k, t]             (t < S)
+# Each runs as a fori_loop over groups of diagonals with dynamic slices at the offsets, so
+# that every group is one small elementwise fusion that LLVM vectorises (a single fusion
+# of all K terms, as XLA builds from K static slices, is emitted as scalar code once it
+# holds more than ~100 terms, a chain of K dependent adds per output).
 
-@functools.lru_cache(maxsize=256)
-def _chunk_terms(key: bytes, m: int, n: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
-  """Wide (m < n) frozen pattern: per output chunk of width m, terms (k, lo, length, t0).
+_GATHER_GROUP = 64  # terms summed per loop step (vectorised up to ~96)
+_SCATTER_GROUP = 4  # window updates per loop step
 
-  Diagonal k covers output columns o_k .. o_k + m - 1 (mod n) with x index col - o_k;
-  each term is the part of that window inside one chunk, starting at chunk column lo.
-  """
-  o_K = np.frombuffer(key, np.int32)
-  w, chunks = m, -(-n // m)
-  terms: list[list[tuple[int, int, int, int]]] = [[] for _ in range(chunks)]
-  for k, o in enumerate(o_K):
-    o = int(o)
-    pieces = [(o, min(o + m, n), 0)]
-    if o + m > n:
-      pieces.append((0, o + m - n, n - o))
-    for a, e, t0 in pieces:  # output columns [a, e) hold x[t0 : t0 + e - a]
-      for c in range(a // w, (e - 1) // w + 1):
-        lo, hi = max(a, c * w), min(e, (c + 1) * w)
-        terms[c].append((k, lo - c * w, hi - lo, t0 + lo - a))
-  return tuple(tuple(t) for t in terms)
+
+def _offsets_arr(pat) -> jax.Array:
+  return jnp.asarray(pat.o_K) if isinstance(pat, Frozen) else pat
+
+
+def _grouped(k: int, g: int, step, tail, init):
+  """init folded through step(j, acc) for the K // g full groups, then tail(k0, acc)."""
+  full = k // g
+  acc = jax.lax.fori_loop(0, full, step, init) if full else init
+  return tail(full * g, acc) if full * g < k else acc
+
+
+def _gather_b1(a_BxL, v_KxS, pat, s: int) -> jax.Array:
+  """out_BxS[:, t] = sum_k a[:, (o_k + t) % L] * v[k, t], accumulated in float32."""
+  rows, l = a_BxL.shape
+  k = v_KxS.shape[0]
+  aa = _wrap(a_BxL.astype(_F32), s - 1, axis=1)
+  o_K = _offsets_arr(pat)
+  starts = _starts(pat)
+
+  def term(i, o):
+    return _win(aa, o, s, axis=1) * jax.lax.dynamic_index_in_dim(v_KxS, i, keepdims=False)
+
+  def step(j, acc):
+    i0 = j * _GATHER_GROUP
+    return acc + sum(term(i0 + i, o_K[i0 + i]) for i in range(_GATHER_GROUP))
+
+  def tail(k0, acc):
+    return acc + sum(_win(aa, starts[i], s, axis=1) * v_KxS[i] for i in range(k0, k))
+
+  return _grouped(k, _GATHER_GROUP, step, tail, jnp.zeros((rows, s), _F32))
+
+
+def _scatter_b1(a_BxS, v_KxS, pat, l: int) -> jax.Array:
+  """out_BxL[:, (o_k + t) % L] += a[:, t] * v[k, t], accumulated in float32."""
+  rows, s = a_BxS.shape
+  k = v_KxS.shape[0]
+  a = a_BxS.astype(_F32)
+  o_K = _offsets_arr(pat)
+  starts = _starts(pat)
+
+  def add(acc, i, o):  # acc[:, o : o + S] += a * v[i]
+    vi = (v_KxS[i] if isinstance(i, int) else
+          jax.lax.dynamic_index_in_dim(v_KxS, i, keepdims=False))
+    upd = jax.lax.dynamic_slice_in_dim(acc, o, s, axis=1) + a * vi
+    return jax.lax.dynamic_update_slice_in_dim(acc, upd, o, axis=1)
+
+  def step(j, acc):
+    i0 = j * _SCATTER_GROUP
+    for i in range(_SCATTER_GROUP):
+      acc = add(acc, i0 + i, o_K[i0 + i])
+    return acc
+
+  def tail(k0, acc):
+    for i in range(k0, k):
+      acc = add(acc, i, starts[i])
+    return acc
+
+  acc = _grouped(k, _SCATTER_GROUP, step, tail, jnp.zeros((rows, l + s), _F32))
+  return acc[:, :l].at[:, :s].add(acc[:, l:])  # windows running past L wrap around
 
 
 def _fwd_b1(x_BxM, v_KxD, pat, m: int, n: int):
   """y = x @ W for few rows, reading only the K x D values."""
-  if m >= n:  # y = sum_k [x, x][:, o_k : o_k + n] * v[k]
-    # a materialised [x, x]: its slices are plain loads in the one fusion of the sum
-    xx = jax.lax.optimization_barrier(_wrap(x_BxM, n - 1, axis=1))
-    terms = [_win(xx, o, n, axis=1) * v_KxD[k] for k, o in enumerate(_starts(pat))]
-    return sum(terms[1:], terms[0])
-  o_np = _offsets_np(pat)
-  if o_np is not None:  # per chunk of m outputs, a sum of padded pieces
-    out = []
-    for c, terms in enumerate(_chunk_terms(o_np.tobytes(), m, n)):
-      w = min(m, n - c * m)
-      parts = [jnp.pad(x_BxM[:, t0:t0 + ln] * v_KxD[k, t0:t0 + ln], ((0, 0), (lo, w - lo - ln)))
-               for k, lo, ln, t0 in terms]
-      out.append(sum(parts[1:], parts[0]) if parts else
-                 jnp.zeros((x_BxM.shape[0], w), _out_dtype(x_BxM, v_KxD)))
-    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
-  # exploring: y[:, j] = sum_k [x, 0][:, (j - o_k) % n] * v[k, (j - o_k) % n] (0 past m)
-  vz_KxN = jnp.pad(v_KxD, ((0, 0), (0, n - m)))
-  src_KxN = (jnp.arange(n)[None, :] - pat[:, None]) % n
-  vr_KxN = jnp.take_along_axis(vz_KxN, src_KxN, axis=1)
-  xx = _wrap(jnp.pad(x_BxM, ((0, 0), (0, n - m))), n - 1, axis=1)
-  terms = [_win(xx, (n - o) % n, n, axis=1) * vr_KxN[k] for k, o in enumerate(_starts(pat))]
-  return sum(terms[1:], terms[0])
+  if m >= n:  # entry t of diagonal k: (row (o_k + t) % m, column t)
+    return _gather_b1(x_BxM, v_KxD, pat, n)
+  return _scatter_b1(x_BxM, v_KxD, pat, n)  # entry t: (row t, column (o_k + t) % n)
 
 
-def _transposed_b1(v_KxD, pat, m: int, n: int):
-  """(values, pat) of W.T (n, m): rectangular keeps both; square negates and rolls."""
-  if m != n:
-    return v_KxD, pat
-  o_np = _offsets_np(pat)
-  if o_np is not None:
-    v_t = jnp.stack([jnp.roll(v_KxD[k], int(o)) for k, o in enumerate(o_np)])
-    return v_t, Frozen((-o_np) % n)
-  src_KxD = (jnp.arange(n)[None, :] - pat[:, None]) % n
-  return jnp.take_along_axis(v_KxD, src_KxD, axis=1), (-pat) % n
+def _dx_b1(dy_BxN, v_KxD, pat, m: int, n: int):
+  """dx = dy @ W.T for few rows: the same two forms with the roles swapped."""
+  if m >= n:
+    return _scatter_b1(dy_BxN, v_KxD, pat, m)
+  return _gather_b1(dy_BxN, v_KxD, pat, m)
 
 
 def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int):
@@ -273,7 +299,7 @@ def fwd(x_BxM, v, pat, geo: Geometry, cfg):
   if geo.block > 1:
     return _fwd_blocks(x_BxM, v, pat, geo, cfg)
   if _few(x_BxM.shape[0]):
-    return _fwd_b1(x_BxM, v, pat, geo.m, geo.n)
+    return _fwd_b1(x_BxM, v, pat, geo.m, geo.n).astype(_out_dtype(x_BxM, v))
   return jnp.matmul(x_BxM, _dense_w(v, pat, geo), precision=cfg.precision)
 
 
@@ -282,8 +308,7 @@ def dx(dy_BxN, v, pat, geo: Geometry, cfg):
   if geo.block > 1:
     return _dx_blocks(dy_BxN, v, pat, geo, cfg)
   if _few(dy_BxN.shape[0]):
-    v_t, pat_t = _transposed_b1(v, pat, geo.m, geo.n)
-    return _fwd_b1(dy_BxN, v_t, pat_t, geo.n, geo.m)
+    return _dx_b1(dy_BxN, v, pat, geo.m, geo.n).astype(_out_dtype(dy_BxN, v))
   return jnp.matmul(dy_BxN, _dense_w(v, pat, geo).T, precision=cfg.precision)
 
 
