@@ -193,12 +193,18 @@ def _dv_blocks(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
 # of all K terms, as XLA builds from K static slices, is emitted as scalar code once it
 # holds more than ~100 terms, a chain of K dependent adds per output).
 
-_GATHER_GROUP = 64  # terms summed per loop step (vectorised up to ~96)
+_GATHER_GROUP = 64  # terms summed per loop step at 1 row (vectorised up to ~96), fewer with more rows
 _SCATTER_GROUP = 4  # window updates per loop step
+_ROWS_GROUP = 4  # rows of dvalues per loop step
 
 
 def _offsets_arr(pat) -> jax.Array:
   return jnp.asarray(pat.o_K) if isinstance(pat, Frozen) else pat
+
+
+def _at(a_K, i) -> jax.Array:
+  """a[i] for a traced i known to be in range (no negative-index select)."""
+  return jax.lax.dynamic_index_in_dim(a_K, i, keepdims=False)
 
 
 def _grouped(k: int, g: int, step, tail, init):
@@ -219,14 +225,16 @@ def _gather_b1(a_BxL, v_KxS, pat, s: int) -> jax.Array:
   def term(i, o):
     return _win(aa, o, s, axis=1) * jax.lax.dynamic_index_in_dim(v_KxS, i, keepdims=False)
 
+  g = max(16, _GATHER_GROUP // rows)  # measured: 64 at 1 row, 16 at 8 rows
+
   def step(j, acc):
-    i0 = j * _GATHER_GROUP
-    return acc + sum(term(i0 + i, o_K[i0 + i]) for i in range(_GATHER_GROUP))
+    i0 = j * g
+    return acc + sum(term(i0 + i, _at(o_K, i0 + i)) for i in range(g))
 
   def tail(k0, acc):
     return acc + sum(_win(aa, starts[i], s, axis=1) * v_KxS[i] for i in range(k0, k))
 
-  return _grouped(k, _GATHER_GROUP, step, tail, jnp.zeros((rows, s), _F32))
+  return _grouped(k, g, step, tail, jnp.zeros((rows, s), _F32))
 
 
 def _scatter_b1(a_BxS, v_KxS, pat, l: int) -> jax.Array:
@@ -246,7 +254,7 @@ def _scatter_b1(a_BxS, v_KxS, pat, l: int) -> jax.Array:
   def step(j, acc):
     i0 = j * _SCATTER_GROUP
     for i in range(_SCATTER_GROUP):
-      acc = add(acc, i0 + i, o_K[i0 + i])
+      acc = add(acc, i0 + i, _at(o_K, i0 + i))
     return acc
 
   def tail(k0, acc):
@@ -272,20 +280,46 @@ def _dx_b1(dy_BxN, v_KxD, pat, m: int, n: int):
   return _gather_b1(dy_BxN, v_KxD, pat, m)
 
 
-def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int):
-  """dv[k, t] = sum_rows x[:, row(k, t)] * dy[:, col(k, t)] from K slices."""
+def _rows_b1(a_BxL, c_BxS, pat, k: int) -> jax.Array:
+  """dv_KxS[k, t] = sum_rows a[:, (o_k + t) % L] * c[:, t]: one row of dv per window."""
+  rows, s = c_BxS.shape
+  aa = _wrap(a_BxL.astype(_F32), s - 1, axis=1)
+  c = c_BxS.astype(_F32)
+  o_K = _offsets_arr(pat)
+  starts = _starts(pat)
+
+  aa_R = [aa[r:r + 1] for r in range(rows)]  # one window per row: each slice has one
+  c_R = [c[r:r + 1] for r in range(rows)]  # user, so XLA hoists its index (vectorised)
+
+  def rows_at(os):  # (len(os), S): the rows of dv for windows starting at os
+    return jnp.concatenate([sum(_win(a, o, s, axis=1) * cr for a, cr in zip(aa_R, c_R))
+                            for o in os], axis=0)
+
+  def step(j, dv):
+    i0 = j * _ROWS_GROUP
+    blk = rows_at([_at(o_K, i0 + i) for i in range(_ROWS_GROUP)])
+    return jax.lax.dynamic_update_slice_in_dim(dv, blk, i0, axis=0)
+
+  def tail(k0, dv):
+    return jax.lax.dynamic_update_slice_in_dim(dv, rows_at(starts[k0:]), k0, axis=0)
+
+  return _grouped(k, _ROWS_GROUP, step, tail, jnp.zeros((k, s), _F32))
+
+
+def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int, k: int):
+  """dv[k, t] = sum_rows x[:, row(k, t)] * dy[:, col(k, t)], window by window."""
   if m >= n:
-    xx = _wrap(x_BxM, n - 1, axis=1)
-    g = jnp.stack([_win(xx, o, n, axis=1) for o in _starts(pat)], axis=1)
-    return jnp.einsum("zkt,zt->kt", g, dy_BxN, preferred_element_type=_F32)
-  dyy = _wrap(dy_BxN, m - 1, axis=1)
-  g = jnp.stack([_win(dyy, o, m, axis=1) for o in _starts(pat)], axis=1)
-  return jnp.einsum("zkt,zt->kt", g, x_BxM, preferred_element_type=_F32)
+    return _rows_b1(x_BxM, dy_BxN, pat, k)
+  return _rows_b1(dy_BxN, x_BxM, pat, k)
 
 
 def _dense_w(v, pat, geo: Geometry):
   o = pat.o_K if isinstance(pat, Frozen) else pat
   return pattern.densify(v, o, geo.m, geo.n, geo.block)
+
+
+def _num(pat) -> int:
+  return len(pat.o_K) if isinstance(pat, Frozen) else pat.shape[0]
 
 
 def _few(rows: int) -> bool:
@@ -317,7 +351,7 @@ def dv(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
   if geo.block > 1:
     return _dv_blocks(x_BxM, dy_BxN, pat, geo, cfg)
   if _few(x_BxM.shape[0]):
-    return _dv_b1(x_BxM, dy_BxN, pat, geo.m, geo.n)
+    return _dv_b1(x_BxM, dy_BxN, pat, geo.m, geo.n, _num(pat))
   dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, precision=cfg.precision, preferred_element_type=_F32)
   o = pat.o_K if isinstance(pat, Frozen) else pat
   return pattern.gather_diagonals(dw_MxN, o, geo.m, geo.n, geo.block)
