@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax import ops, pattern
-from dynadiag_jax.backends.auto import DENSE_ROWS_B1  # b = 1: from here on, x @ densify(W)
+# b = 1: from DENSE_ROWS_B1 rows on, dvalues from x.T @ dy and, above the density bound,
+# y and dx from x @ densify(W) (README "Speed on CPU")
+from dynadiag_jax.backends.auto import DENSE_ROWS_B1, WINDOWS_MAX_DENSITY_B1
 from dynadiag_jax.pattern import Geometry
 
 # blocks: below this many rows the scatter form sums K padded pieces in one fusion.
@@ -266,11 +268,25 @@ def _scatter_b1(a_BxS, v_KxS, pat, l: int) -> jax.Array:
   return acc[:, :l].at[:, :s].add(acc[:, l:])  # windows running past L wrap around
 
 
+_ROW_TILE = 64  # rows per tile of the scatter form (its windows of acc stay in cache)
+
+
+def _tiled(f, a_BxL, *rest):
+  """f over tiles of _ROW_TILE rows (so that each tile's windows stay in cache)."""
+  rows, l = a_BxL.shape
+  if rows <= _ROW_TILE:
+    return f(a_BxL, *rest)
+  nt = -(-rows // _ROW_TILE)
+  a = jnp.pad(a_BxL, ((0, nt * _ROW_TILE - rows), (0, 0))).reshape(nt, _ROW_TILE, l)
+  y = jax.lax.map(lambda t: f(t, *rest), a)
+  return y.reshape(nt * _ROW_TILE, y.shape[-1])[:rows]
+
+
 def _fwd_b1(x_BxM, v_KxD, pat, m: int, n: int):
   """y = x @ W for few rows, reading only the K x D values."""
   if m >= n:  # entry t of diagonal k: (row (o_k + t) % m, column t)
     return _gather_b1(x_BxM, v_KxD, pat, n)
-  return _scatter_b1(x_BxM, v_KxD, pat, n)  # entry t: (row t, column (o_k + t) % n)
+  return _tiled(_scatter_b1, x_BxM, v_KxD, pat, n)  # entry t: (row t, column (o_k + t) % n)
 
 
 def _dx_b1(dy_BxN, v_KxD, pat, m: int, n: int):
@@ -326,13 +342,18 @@ def _few(rows: int) -> bool:
   return rows < DENSE_ROWS_B1
 
 
+def _windows(rows: int, pat, geo: Geometry) -> bool:
+  """b = 1 products y / dx: windows (few rows, or sparse enough) or a GEMM on W."""
+  return _few(rows) or _num(pat) / geo.P <= WINDOWS_MAX_DENSITY_B1
+
+
 # -- the backend -----------------------------------------------------------------------------
 
 def fwd(x_BxM, v, pat, geo: Geometry, cfg):
   """y = x @ W."""
   if geo.block > 1:
     return _fwd_blocks(x_BxM, v, pat, geo, cfg)
-  if _few(x_BxM.shape[0]):
+  if _windows(x_BxM.shape[0], pat, geo):
     return _fwd_b1(x_BxM, v, pat, geo.m, geo.n).astype(_out_dtype(x_BxM, v))
   return jnp.matmul(x_BxM, _dense_w(v, pat, geo), precision=cfg.precision)
 
@@ -341,7 +362,7 @@ def dx(dy_BxN, v, pat, geo: Geometry, cfg):
   """dx = dy @ W.T."""
   if geo.block > 1:
     return _dx_blocks(dy_BxN, v, pat, geo, cfg)
-  if _few(dy_BxN.shape[0]):
+  if _windows(dy_BxN.shape[0], pat, geo):
     return _dx_b1(dy_BxN, v, pat, geo.m, geo.n).astype(_out_dtype(dy_BxN, v))
   return jnp.matmul(dy_BxN, _dense_w(v, pat, geo).T, precision=cfg.precision)
 
