@@ -317,7 +317,7 @@ def _fwd_b1(x_BxM, v_KxD, pat, m: int, n: int):
 def _dx_b1(dy_BxN, v_KxD, pat, m: int, n: int):
   """dx = dy @ W.T for few rows: the same two forms with the roles swapped."""
   if m >= n:
-    return _scatter_b1(dy_BxN, v_KxD, pat, m)
+    return _tiled(_scatter_b1, dy_BxN, v_KxD, pat, m)
   return _gather_b1(dy_BxN, v_KxD, pat, m)
 
 
