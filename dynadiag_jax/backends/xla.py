@@ -11,12 +11,16 @@ inside the dots). With the kernel's (M, N) block grid, two forms cover all produ
 Tall kernels (M >= N) run the forward in gather form and dx in scatter form, wide ones the
 other way round; dvalues is a gather form over the rows (x_rows.T @ dy_cols per block).
 
-block = 1 with few rows reads only the K x D values: the forward of a tall kernel is a
-sum of K slices of [x, x] times the values (one fusion); a wide one sums, per output chunk
-of width D, padded pieces of x times values (frozen) or K slices of [x, 0, x, 0] times
-rolled values (exploring, n / m times the work); dx is the forward of the transposed
-pattern. With many rows a GEMM on the scattered W is faster on CPU (measured, see
-README "Speed on CPU"), and block = 1 takes that path from `DENSE_ROWS_B1` rows on.
+With K <= 2 diagonals the frozen scatter form writes its output as K padded runs in one
+fusion (each diagonal's S output blocks are contiguous, wrapping).
+
+block = 1 reads only the K x D values: the same two forms on single columns, each a
+fori_loop over groups of diagonals whose body is one small elementwise fusion with a
+dynamic slice per diagonal, which LLVM vectorises (XLA emits one fusion of K static
+slices as scalar code once it holds more than ~100 terms, and a chain of dependent
+per-element adds); the scatter form updates windows of an accumulator in place, in row
+tiles. With many rows (from `DENSE_ROWS_B1`) dvalues come from the GEMM x.T @ dy, and y
+and dx too once K / P exceeds `WINDOWS_MAX_DENSITY_B1` (measured, README "Speed on CPU").
 """
 
 from __future__ import annotations
