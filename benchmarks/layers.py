@@ -25,6 +25,9 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout
 
 import jax
 import jax.numpy as jnp
