@@ -21,7 +21,7 @@ from __future__ import annotations
 from dynadiag_jax.pattern import Geometry
 
 # block b -> largest K / P at which `xla` beats `dense` on CPU (measured, b >= 16).
-CPU_XLA_MAX_DENSITY = {16: 0.06, 32: 0.15, 64: 0.3, 128: 0.4}
+CPU_XLA_MAX_DENSITY = {16: 0.07, 32: 0.15, 64: 0.3, 128: 0.4}
 DENSE_ROWS_B1 = 64  # b = 1, xla backend: from here on dvalues come from a GEMM x.T @ dy
 WINDOWS_MAX_DENSITY_B1 = 0.11  # b = 1, many rows: y and dx by windows up to this K / P (90%)
 
