@@ -1,13 +1,16 @@
 """Frozen (block-)diagonal layers against nn.Dense on this machine: speed-ups, one run.
 
-    python benchmarks/layers.py            # the full table (about 20 min on 2 busy cores)
+    python benchmarks/layers.py            # the full table (30-60 min on 2 busy cores)
     python benchmarks/layers.py --quick    # ViT-B MLP shapes, 1 and 1576 rows, 90 / 99%
 
 For each kernel shape, row count and mode (forward; forward + backward = the loss, dx and
 the gradients of values and bias), every variant (nn.Dense, and a frozen layer
 `diag_matmul(x, values, offsets) + bias` with offsets closed over as numpy, for each
 sparsity, block and backend) is compiled, then all are timed round-robin, interleaved, and
-the table gives medians as speed-ups over nn.Dense from the same rounds. A timed call
+the table gives medians as speed-ups over nn.Dense from the same rounds. Each timed sample
+is n back-to-back calls of one variant (n chosen once per group so that nn.Dense's sample
+lasts >= 100 ms; the same n for every variant), so weights are warm in cache as in repeated
+calls of one layer, and scheduler preemptions average out on a loaded machine. A timed call
 applies R distinct layers of one shape, unrolled (R = 4 at 1 row, 2 at 8 rows, 1 at 1576),
 so that the ~0.05-0.1 ms of a jitted call's dispatch does not hide a 1-row layer; every
 layer reads its own weight arrays, as successive layers of a model do (a `lax.scan` over
@@ -17,9 +20,14 @@ stacked weights would copy each slice first and triple nn.Dense's memory traffic
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout
 
 import jax
 import jax.numpy as jnp
@@ -73,14 +81,30 @@ def variants(m: int, n: int, rows: int, mode: str, sparsities, blocks, backends,
   return out
 
 
-def time_round_robin(vs: dict, repeats: int) -> dict:
-  """Median seconds per variant, all variants timed in turn `repeats` times."""
+def calls_per_sample(vs: dict, target_s: float = 0.1) -> int:
+  """n: back-to-back calls per timed sample, so that nn.Dense's sample lasts >= target_s.
+
+  On a loaded machine a call much shorter than a scheduler time slice is either untouched
+  or preempted whole, and medians of such calls swing by several x (measured: 1-row
+  ratios moved 2-10x between runs); samples of many calls average the preemptions out.
+  """
+  fn, p, xs = vs["nn.Dense"]
+  t = time.perf_counter()
+  for _ in range(3):
+    jax.block_until_ready(fn(p, xs))
+  return max(1, math.ceil(target_s / ((time.perf_counter() - t) / 3)))
+
+
+def time_round_robin(vs: dict, repeats: int, calls: int = 1) -> dict:
+  """Median seconds per call of each variant; all timed in turn, `calls` back to back."""
   times = {k: [] for k in vs}
   for _ in range(repeats):
     for key, (fn, p, xs) in vs.items():
       t = time.perf_counter()
-      jax.block_until_ready(fn(p, xs))
-      times[key].append(time.perf_counter() - t)
+      for _ in range(calls):
+        out = fn(p, xs)
+      jax.block_until_ready(out)
+      times[key].append((time.perf_counter() - t) / calls)
   return {k: statistics.median(t) for k, t in times.items()}
 
 
@@ -115,8 +139,9 @@ def main(argv=None) -> None:
   for be in backends:
     ops.check_backend_name(be)
   print(f"{jax.default_backend()} ({jax.device_count()} device), float32, median of {repeats} "
-        f"interleaved rounds; numbers are speed-ups over nn.Dense (higher is faster)",
-        flush=True)
+        f"interleaved rounds, each sample n back-to-back calls (n: nn.Dense's sample >= 100 ms); "
+        f"numbers are speed-ups over nn.Dense (higher is faster); load average at start "
+        f"{os.getloadavg()[0]:.1f}", flush=True)
   head = ("| kernel | rows | mode | sparsity | K / P | block | nn.Dense ms | "
           + " | ".join(backends) + " | auto | auto / best |")
   lines = [head, "|---" * (head.count("|") - 1) + "|"]
@@ -127,9 +152,10 @@ def main(argv=None) -> None:
         t0 = time.perf_counter()
         print(f"  compiling {m}x{n}, {rows} rows, {mode} ...", file=sys.stderr, flush=True)
         vs = variants(m, n, rows, mode, sps, blocks, backends)
-        print(f"  timing {len(vs)} variants ({time.perf_counter() - t0:.0f} s to compile) ...",
-              file=sys.stderr, flush=True)
-        med = time_round_robin(vs, repeats)
+        calls = calls_per_sample(vs)
+        print(f"  timing {len(vs)} variants, {calls} calls per sample "
+              f"({time.perf_counter() - t0:.0f} s to compile) ...", file=sys.stderr, flush=True)
+        med = time_round_robin(vs, repeats, calls)
         r = layers_per_call(rows)
         base = med["nn.Dense"]
         for s in sps:

@@ -2,6 +2,7 @@
 
     python benchmarks/models.py                  # ViT-S/16, 224 px, 90%, block 64
     python benchmarks/models.py --quick          # depth 4, batch 4
+    python benchmarks/models.py --parts          # one encoder block, piece by piece
 
 Every linear layer of the encoder blocks (qkv, attn_out, mlp_in, mlp_out) is a DiagDense
 at the given sparsity and block (each layer the largest valid block up to it), backend
@@ -15,10 +16,15 @@ loop does).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout
+
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +97,68 @@ def build(variant: str, depth: int | None, sparsity: float, block: int, image: i
   return out
 
 
+def parts(variant: str, sparsity: float, block: int, batch: int, seed: int = 0) -> dict:
+  """{part: (fn, args)}: the pieces of one encoder block at ViT shapes, dense and sparse.
+
+  Each linear as nn.Dense and as the frozen layer `diag_matmul(x, values, offsets) + bias`
+  with backend `auto` (K, b as the sparse ViT has them), and the dense rest of the block:
+  the attention core (softmax(q k^T) v as `SelfAttention` computes it), a LayerNorm, GELU.
+  """
+  from dynadiag_jax import ops, pattern  # pylint: disable=import-outside-toplevel
+  from dynadiag_jax.models.vit import VARIANTS  # pylint: disable=import-outside-toplevel
+  d, _, h = VARIANTS[variant]
+  t, dh = (224 // 16) ** 2 + 1, d // h
+  rng = np.random.default_rng(seed)
+  f32 = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  out = {}
+  for name, (m, n) in {"qkv": (d, 3 * d), "attn_out": (d, d), "mlp_in": (d, 4 * d),
+                       "mlp_out": (4 * d, d)}.items():
+    x, bias = f32(batch, t, m), jnp.zeros((n,), jnp.float32)
+    out[f"{name} {m}x{n} nn.Dense"] = (jax.jit(lambda x, w, c: x @ w + c), (x, f32(m, n), bias))
+    b = max(c for c in (1, 16, 32, 64, 128) if c <= block and m % c == 0 and n % c == 0)
+    geo = pattern.Geometry(m, n, b)
+    k = pattern.num_kept(m, n, sparsity, b)
+    o = np.sort(rng.choice(geo.P, k, replace=False)).astype(np.int32)
+    fn = (lambda o, m, n: jax.jit(lambda x, v, c: ops.diag_matmul(x, v, o, m, n) + c))(o, m, n)
+    out[f"{name} {m}x{n} sparse (b {b}, K {k} / {geo.P})"] = (fn, (x, f32(*geo.values_shape(k)), bias))
+
+  def attn(q, k, v):  # as models.attention.SelfAttention, without its linears
+    s = jnp.einsum("bqhk,bshk->bhqs", q / jnp.sqrt(dh), k)
+    return jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, axis=-1), v).reshape(batch, t, d)
+
+  out["attention core (dense)"] = (jax.jit(attn), tuple(f32(batch, t, h, dh) for _ in range(3)))
+  ln = flax.linen.LayerNorm()
+  x = f32(batch, t, d)
+  out["layernorm (dense)"] = (jax.jit(ln.apply), (ln.init(jax.random.PRNGKey(0), x), x))
+  out["gelu of the MLP (dense)"] = (jax.jit(flax.linen.gelu), (f32(batch, t, 4 * d),))
+  return out
+
+
+def main_parts(args) -> None:
+  """Where the time of one encoder block goes: each piece, median ms, interleaved."""
+  batch = args.batch or 8
+  repeats = args.repeats or 7
+  ps = parts(args.variant, args.sparsity, args.block, batch)
+  for fn, a in ps.values():
+    jax.block_until_ready(fn(*a))
+  times = {k: [] for k in ps}
+  for _ in range(repeats):
+    for name, (fn, a) in ps.items():
+      t = time.perf_counter()
+      for _ in range(3):
+        y = fn(*a)
+      jax.block_until_ready(y)
+      times[name].append((time.perf_counter() - t) / 3)
+  print(f"{jax.default_backend()}, one ViT-{args.variant}/16 encoder block, 224 px, batch {batch} "
+        f"({batch * ((224 // 16) ** 2 + 1)} rows), float32, sparsity {args.sparsity:g}, block up to "
+        f"{args.block}, backend auto, median of {repeats} interleaved rounds, load average "
+        f"{os.getloadavg()[0]:.1f}\n")
+  print("| part | ms |")
+  print("|---|---|")
+  for name, t in times.items():
+    print(f"| {name} | {statistics.median(t) * 1e3:.2f} |")
+
+
 def _call(kind, fn, state):
   if kind == "infer":
     return fn(*state)
@@ -109,7 +177,12 @@ def main(argv=None) -> None:
   ap.add_argument("--batch", type=int, default=None, help="images per call (default 8)")
   ap.add_argument("--image", type=int, default=224)
   ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
+  ap.add_argument("--parts", action="store_true",
+                  help="time the pieces of one encoder block instead (where the time goes)")
   args = ap.parse_args(argv)
+  if args.parts:
+    main_parts(args)
+    return
   depth = 4 if args.quick else None
   batch = args.batch or (4 if args.quick else 8)
   repeats = args.repeats or (3 if args.quick else 5)

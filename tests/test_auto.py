@@ -16,7 +16,8 @@ G = pattern.Geometry
 
 @pytest.mark.parametrize("geo,rows,k,platform,want", [
     (G(768, 3072, 1), 1, 308, "cpu", "xla"),       # b = 1, few rows: read only K x D values
-    (G(768, 3072, 1), 1576, 308, "cpu", "dense"),  # b = 1, many rows: one GEMM
+    (G(768, 3072, 1), 1576, 308, "cpu", "xla"),    # b = 1, many rows, 90%: windows for y, dx
+    (G(768, 3072, 1), 1576, 615, "cpu", "dense"),  # b = 1, many rows, 80%: one GEMM
     (G(768, 3072, 64), 1576, 5, "cpu", "xla"),     # big blocks, 90%: batched block products
     (G(768, 3072, 64), 1576, 40, "cpu", "dense"),  # big blocks, dense enough for the GEMM
     (G(3072, 768, 16), 1576, 20, "cpu", "dense"),  # small blocks at 90%: GEMM still wins

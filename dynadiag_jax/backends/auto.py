@@ -2,9 +2,11 @@
 
 Measured on CPU with `benchmarks/layers.py` (README "Speed on CPU", where the table and
 this rule sit side by side):
-- block = 1: with few rows (< `xla.DENSE_ROWS_B1`) the dense backend scatters the K
-  diagonals into W on every call and loses to `nn.Dense` itself by 4-10x, while `xla`
-  reads only the K x D values; with many rows both run one GEMM on the scattered W.
+- block = 1: the dense backend scatters the K diagonals into W on every call, which loses
+  to `nn.Dense` itself by 4-20x at few rows; `xla` reads only the K x D values (windows
+  of x, one vectorised fusion per group of diagonals). From `DENSE_ROWS_B1` rows on, `xla`
+  keeps the windows for y and dx while K / P <= `WINDOWS_MAX_DENSITY_B1` and takes dvalues
+  from the GEMM x.T @ dy; denser, it is the dense backend's GEMM, so `dense` there.
 - block >= 16: with few rows `xla` wins for the same reason; with many rows its batched
   b x b products beat the dense GEMM while K / P stays below a bound that grows with b
   (small blocks make small, inefficient products).
@@ -19,8 +21,9 @@ from __future__ import annotations
 from dynadiag_jax.pattern import Geometry
 
 # block b -> largest K / P at which `xla` beats `dense` on CPU (measured, b >= 16).
-CPU_XLA_MAX_DENSITY = {16: 0.03, 32: 0.15, 64: 0.3, 128: 0.4}
-DENSE_ROWS_B1 = 64  # mirrors backends.xla.DENSE_ROWS_B1 (b = 1: from here on, a GEMM)
+CPU_XLA_MAX_DENSITY = {16: 0.07, 32: 0.15, 64: 0.3, 128: 0.4}
+DENSE_ROWS_B1 = 64  # b = 1, xla backend: from here on dvalues come from a GEMM x.T @ dy
+WINDOWS_MAX_DENSITY_B1 = 0.11  # b = 1, many rows: y and dx by windows up to this K / P (90%)
 
 
 def _max_density(b: int) -> float:
@@ -38,5 +41,5 @@ def choose(geo: Geometry | None, rows: int | None, k: int | None, platform: str)
   if rows < DENSE_ROWS_B1:
     return "xla"
   if geo.block == 1:
-    return "dense"
+    return "xla" if k / geo.P <= WINDOWS_MAX_DENSITY_B1 else "dense"
   return "xla" if k / geo.P <= _max_density(geo.block) else "dense"

@@ -11,12 +11,16 @@ inside the dots). With the kernel's (M, N) block grid, two forms cover all produ
 Tall kernels (M >= N) run the forward in gather form and dx in scatter form, wide ones the
 other way round; dvalues is a gather form over the rows (x_rows.T @ dy_cols per block).
 
-block = 1 with few rows reads only the K x D values: the forward of a tall kernel is a
-sum of K slices of [x, x] times the values (one fusion); a wide one sums, per output chunk
-of width D, padded pieces of x times values (frozen) or K slices of [x, 0, x, 0] times
-rolled values (exploring, n / m times the work); dx is the forward of the transposed
-pattern. With many rows a GEMM on the scattered W is faster on CPU (measured, see
-README "Speed on CPU"), and block = 1 takes that path from `DENSE_ROWS_B1` rows on.
+With K <= 2 diagonals the frozen scatter form writes its output as K padded runs in one
+fusion (each diagonal's S output blocks are contiguous, wrapping).
+
+block = 1 reads only the K x D values: the same two forms on single columns, each a
+fori_loop over groups of diagonals whose body is one small elementwise fusion with a
+dynamic slice per diagonal, which LLVM vectorises (XLA emits one fusion of K static
+slices as scalar code once it holds more than ~100 terms, and a chain of dependent
+per-element adds); the scatter form updates windows of an accumulator in place, in row
+tiles. With many rows (from `DENSE_ROWS_B1`) dvalues come from the GEMM x.T @ dy, and y
+and dx too once K / P exceeds `WINDOWS_MAX_DENSITY_B1` (measured, README "Speed on CPU").
 """
 
 from __future__ import annotations
@@ -28,11 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax import ops, pattern
-from dynadiag_jax.backends.auto import DENSE_ROWS_B1  # b = 1: from here on, x @ densify(W)
+# b = 1: from DENSE_ROWS_B1 rows on, dvalues from x.T @ dy and, above the density bound,
+# y and dx from x @ densify(W) (README "Speed on CPU")
+from dynadiag_jax.backends.auto import DENSE_ROWS_B1, WINDOWS_MAX_DENSITY_B1
 from dynadiag_jax.pattern import Geometry
 
 # blocks: below this many rows the scatter form sums K padded pieces in one fusion.
 _MANY_ROWS = 64
+# frozen scatter form: up to this many diagonals, padded runs in one fusion (measured:
+# 768x3072, b = 64, 1576 rows: K = 1 10.4x vs 7.2x per-block sums, K = 3 4.1x vs 4.7x)
+_RUNS_MAX_K = 2
 _F32 = jnp.float32
 
 
@@ -123,6 +132,26 @@ def _landing(key: bytes, s: int, l: int) -> tuple[tuple[tuple[int, int], ...], .
   return tuple(tuple(c) for c in lists)
 
 
+def _runs(z_SxBxq, o_K: np.ndarray, l: int) -> jax.Array:
+  """y_Bx(L*b) = sum_k diagonal k's S output blocks, a contiguous (wrapping) run at o_k.
+
+  One fusion writes y once, reading z through the transpose to (B, S * b): a few selects
+  per element, so only for few diagonals (with more, the per-block sums are cheaper).
+  """
+  s, rows, q = z_SxBxq.shape
+  b = q // len(o_K)
+  terms = []
+  for kk, o in enumerate(int(o) for o in o_K):
+    z_k = z_SxBxq[:, :, kk * b:(kk + 1) * b].transpose(1, 0, 2).reshape(rows, s * b)
+    if o + s <= l:
+      terms.append(jnp.pad(z_k, ((0, 0), (o * b, (l - o - s) * b))))
+    else:  # the run wraps: its last blocks land at the start
+      c = (l - o) * b
+      terms.append(jnp.pad(z_k[:, :c], ((0, 0), (o * b, 0))))
+      terms.append(jnp.pad(z_k[:, c:], ((0, 0), (0, l * b - (s * b - c)))))
+  return sum(terms[1:], terms[0])
+
+
 def _scatter_form(a_SxBxb, w_KxSxbxb, pat, l: int, prec) -> jax.Array:
   """y_Bx(L*b): out[(o_k + t) % L] += a[t] @ w[k, t], returned in (B, L * b) layout."""
   s, rows, b = a_SxBxb.shape
@@ -131,6 +160,8 @@ def _scatter_form(a_SxBxb, w_KxSxbxb, pat, l: int, prec) -> jax.Array:
   z_SxBxq = jnp.einsum("tzc,tcq->tzq", a_SxBxb, w_Sxbxq, precision=prec,
                        preferred_element_type=_F32)
   o_np = _offsets_np(pat)
+  if o_np is not None and k <= _RUNS_MAX_K:  # each diagonal's S blocks: one padded run
+    return _runs(z_SxBxq, o_np, l)
   if o_np is not None and rows >= _MANY_ROWS:  # each output block: a constant sum of pieces
     y = jnp.zeros((rows, l * b), _F32)  # written in place, block by block
     for j, pieces in enumerate(_landing(o_np.tobytes(), s, l)):
@@ -185,76 +216,146 @@ def _dv_blocks(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
 
 
 # -- single diagonals (b = 1) ----------------------------------------------------------------
+# Two forms over a line of length L and windows of length S <= L (offsets o_K < L):
+# - gather: out[:, t] = sum_k a[:, (o_k + t) % L] * v[k, t]          (t < S)
+# - scatter: out[:, (o_k + t) % L] += a[:, t] * v[k, t]             (t < S)
+# Each runs as a fori_loop over groups of diagonals with dynamic slices at the offsets, so
+# that every group is one small elementwise fusion that LLVM vectorises (a single fusion
+# of all K terms, as XLA builds from K static slices, is emitted as scalar code once it
+# holds more than ~100 terms, a chain of K dependent adds per output).
 
-@functools.lru_cache(maxsize=256)
-def _chunk_terms(key: bytes, m: int, n: int) -> tuple[tuple[tuple[int, int, int, int], ...], ...]:
-  """Wide (m < n) frozen pattern: per output chunk of width m, terms (k, lo, length, t0).
+_GATHER_GROUP = 64  # terms summed per loop step at 1 row (vectorised up to ~96), fewer with more rows
+_SCATTER_GROUP = 4  # window updates per loop step
+_ROWS_GROUP = 4  # rows of dvalues per loop step
 
-  Diagonal k covers output columns o_k .. o_k + m - 1 (mod n) with x index col - o_k;
-  each term is the part of that window inside one chunk, starting at chunk column lo.
-  """
-  o_K = np.frombuffer(key, np.int32)
-  w, chunks = m, -(-n // m)
-  terms: list[list[tuple[int, int, int, int]]] = [[] for _ in range(chunks)]
-  for k, o in enumerate(o_K):
-    o = int(o)
-    pieces = [(o, min(o + m, n), 0)]
-    if o + m > n:
-      pieces.append((0, o + m - n, n - o))
-    for a, e, t0 in pieces:  # output columns [a, e) hold x[t0 : t0 + e - a]
-      for c in range(a // w, (e - 1) // w + 1):
-        lo, hi = max(a, c * w), min(e, (c + 1) * w)
-        terms[c].append((k, lo - c * w, hi - lo, t0 + lo - a))
-  return tuple(tuple(t) for t in terms)
+
+def _offsets_arr(pat) -> jax.Array:
+  return jnp.asarray(pat.o_K) if isinstance(pat, Frozen) else pat
+
+
+def _at(a_K, i) -> jax.Array:
+  """a[i] for a traced i known to be in range (no negative-index select)."""
+  return jax.lax.dynamic_index_in_dim(a_K, i, keepdims=False)
+
+
+def _grouped(k: int, g: int, step, tail, init):
+  """init folded through step(j, acc) for the K // g full groups, then tail(k0, acc)."""
+  full = k // g
+  acc = jax.lax.fori_loop(0, full, step, init) if full else init
+  return tail(full * g, acc) if full * g < k else acc
+
+
+def _gather_b1(a_BxL, v_KxS, pat, s: int) -> jax.Array:
+  """out_BxS[:, t] = sum_k a[:, (o_k + t) % L] * v[k, t], accumulated in float32."""
+  rows, l = a_BxL.shape
+  k = v_KxS.shape[0]
+  aa = _wrap(a_BxL.astype(_F32), s - 1, axis=1)
+  o_K = _offsets_arr(pat)
+  starts = _starts(pat)
+
+  def term(i, o):
+    return _win(aa, o, s, axis=1) * jax.lax.dynamic_index_in_dim(v_KxS, i, keepdims=False)
+
+  g = max(16, _GATHER_GROUP // rows)  # measured: 64 at 1 row, 16 at 8 rows
+
+  def step(j, acc):
+    i0 = j * g
+    return acc + sum(term(i0 + i, _at(o_K, i0 + i)) for i in range(g))
+
+  def tail(k0, acc):
+    return acc + sum(_win(aa, starts[i], s, axis=1) * v_KxS[i] for i in range(k0, k))
+
+  return _grouped(k, g, step, tail, jnp.zeros((rows, s), _F32))
+
+
+def _scatter_b1(a_BxS, v_KxS, pat, l: int) -> jax.Array:
+  """out_BxL[:, (o_k + t) % L] += a[:, t] * v[k, t], accumulated in float32."""
+  rows, s = a_BxS.shape
+  k = v_KxS.shape[0]
+  a = a_BxS.astype(_F32)
+  o_K = _offsets_arr(pat)
+  starts = _starts(pat)
+
+  def add(acc, i, o):  # acc[:, o : o + S] += a * v[i]
+    vi = (v_KxS[i] if isinstance(i, int) else
+          jax.lax.dynamic_index_in_dim(v_KxS, i, keepdims=False))
+    upd = jax.lax.dynamic_slice_in_dim(acc, o, s, axis=1) + a * vi
+    return jax.lax.dynamic_update_slice_in_dim(acc, upd, o, axis=1)
+
+  def step(j, acc):
+    i0 = j * _SCATTER_GROUP
+    for i in range(_SCATTER_GROUP):
+      acc = add(acc, i0 + i, _at(o_K, i0 + i))
+    return acc
+
+  def tail(k0, acc):
+    for i in range(k0, k):
+      acc = add(acc, i, starts[i])
+    return acc
+
+  acc = _grouped(k, _SCATTER_GROUP, step, tail, jnp.zeros((rows, l + s), _F32))
+  return acc[:, :l].at[:, :s].add(acc[:, l:])  # windows running past L wrap around
+
+
+_ROW_TILE = 64  # rows per tile of the scatter form (its windows of acc stay in cache)
+
+
+def _tiled(f, a_BxL, *rest):
+  """f over tiles of _ROW_TILE rows (so that each tile's windows stay in cache)."""
+  rows, l = a_BxL.shape
+  if rows <= _ROW_TILE:
+    return f(a_BxL, *rest)
+  nt = -(-rows // _ROW_TILE)
+  a = jnp.pad(a_BxL, ((0, nt * _ROW_TILE - rows), (0, 0))).reshape(nt, _ROW_TILE, l)
+  y = jax.lax.map(lambda t: f(t, *rest), a)
+  return y.reshape(nt * _ROW_TILE, y.shape[-1])[:rows]
 
 
 def _fwd_b1(x_BxM, v_KxD, pat, m: int, n: int):
   """y = x @ W for few rows, reading only the K x D values."""
-  if m >= n:  # y = sum_k [x, x][:, o_k : o_k + n] * v[k]
-    # a materialised [x, x]: its slices are plain loads in the one fusion of the sum
-    xx = jax.lax.optimization_barrier(_wrap(x_BxM, n - 1, axis=1))
-    terms = [_win(xx, o, n, axis=1) * v_KxD[k] for k, o in enumerate(_starts(pat))]
-    return sum(terms[1:], terms[0])
-  o_np = _offsets_np(pat)
-  if o_np is not None:  # per chunk of m outputs, a sum of padded pieces
-    out = []
-    for c, terms in enumerate(_chunk_terms(o_np.tobytes(), m, n)):
-      w = min(m, n - c * m)
-      parts = [jnp.pad(x_BxM[:, t0:t0 + ln] * v_KxD[k, t0:t0 + ln], ((0, 0), (lo, w - lo - ln)))
-               for k, lo, ln, t0 in terms]
-      out.append(sum(parts[1:], parts[0]) if parts else
-                 jnp.zeros((x_BxM.shape[0], w), _out_dtype(x_BxM, v_KxD)))
-    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
-  # exploring: y[:, j] = sum_k [x, 0][:, (j - o_k) % n] * v[k, (j - o_k) % n] (0 past m)
-  vz_KxN = jnp.pad(v_KxD, ((0, 0), (0, n - m)))
-  src_KxN = (jnp.arange(n)[None, :] - pat[:, None]) % n
-  vr_KxN = jnp.take_along_axis(vz_KxN, src_KxN, axis=1)
-  xx = _wrap(jnp.pad(x_BxM, ((0, 0), (0, n - m))), n - 1, axis=1)
-  terms = [_win(xx, (n - o) % n, n, axis=1) * vr_KxN[k] for k, o in enumerate(_starts(pat))]
-  return sum(terms[1:], terms[0])
+  if m >= n:  # entry t of diagonal k: (row (o_k + t) % m, column t)
+    return _gather_b1(x_BxM, v_KxD, pat, n)
+  return _tiled(_scatter_b1, x_BxM, v_KxD, pat, n)  # entry t: (row t, column (o_k + t) % n)
 
 
-def _transposed_b1(v_KxD, pat, m: int, n: int):
-  """(values, pat) of W.T (n, m): rectangular keeps both; square negates and rolls."""
-  if m != n:
-    return v_KxD, pat
-  o_np = _offsets_np(pat)
-  if o_np is not None:
-    v_t = jnp.stack([jnp.roll(v_KxD[k], int(o)) for k, o in enumerate(o_np)])
-    return v_t, Frozen((-o_np) % n)
-  src_KxD = (jnp.arange(n)[None, :] - pat[:, None]) % n
-  return jnp.take_along_axis(v_KxD, src_KxD, axis=1), (-pat) % n
-
-
-def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int):
-  """dv[k, t] = sum_rows x[:, row(k, t)] * dy[:, col(k, t)] from K slices."""
+def _dx_b1(dy_BxN, v_KxD, pat, m: int, n: int):
+  """dx = dy @ W.T for few rows: the same two forms with the roles swapped."""
   if m >= n:
-    xx = _wrap(x_BxM, n - 1, axis=1)
-    g = jnp.stack([_win(xx, o, n, axis=1) for o in _starts(pat)], axis=1)
-    return jnp.einsum("zkt,zt->kt", g, dy_BxN, preferred_element_type=_F32)
-  dyy = _wrap(dy_BxN, m - 1, axis=1)
-  g = jnp.stack([_win(dyy, o, m, axis=1) for o in _starts(pat)], axis=1)
-  return jnp.einsum("zkt,zt->kt", g, x_BxM, preferred_element_type=_F32)
+    return _tiled(_scatter_b1, dy_BxN, v_KxD, pat, m)
+  return _gather_b1(dy_BxN, v_KxD, pat, m)
+
+
+def _rows_b1(a_BxL, c_BxS, pat, k: int) -> jax.Array:
+  """dv_KxS[k, t] = sum_rows a[:, (o_k + t) % L] * c[:, t]: one row of dv per window."""
+  rows, s = c_BxS.shape
+  aa = _wrap(a_BxL.astype(_F32), s - 1, axis=1)
+  c = c_BxS.astype(_F32)
+  o_K = _offsets_arr(pat)
+  starts = _starts(pat)
+
+  aa_R = [aa[r:r + 1] for r in range(rows)]  # one window per row: each slice has one
+  c_R = [c[r:r + 1] for r in range(rows)]  # user, so XLA hoists its index (vectorised)
+
+  def rows_at(os):  # (len(os), S): the rows of dv for windows starting at os
+    return jnp.concatenate([sum(_win(a, o, s, axis=1) * cr for a, cr in zip(aa_R, c_R))
+                            for o in os], axis=0)
+
+  def step(j, dv):
+    i0 = j * _ROWS_GROUP
+    blk = rows_at([_at(o_K, i0 + i) for i in range(_ROWS_GROUP)])
+    return jax.lax.dynamic_update_slice_in_dim(dv, blk, i0, axis=0)
+
+  def tail(k0, dv):
+    return jax.lax.dynamic_update_slice_in_dim(dv, rows_at(starts[k0:]), k0, axis=0)
+
+  return _grouped(k, _ROWS_GROUP, step, tail, jnp.zeros((k, s), _F32))
+
+
+def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int, k: int):
+  """dv[k, t] = sum_rows x[:, row(k, t)] * dy[:, col(k, t)], window by window."""
+  if m >= n:
+    return _rows_b1(x_BxM, dy_BxN, pat, k)
+  return _rows_b1(dy_BxN, x_BxM, pat, k)
 
 
 def _dense_w(v, pat, geo: Geometry):
@@ -262,8 +363,17 @@ def _dense_w(v, pat, geo: Geometry):
   return pattern.densify(v, o, geo.m, geo.n, geo.block)
 
 
+def _num(pat) -> int:
+  return len(pat.o_K) if isinstance(pat, Frozen) else pat.shape[0]
+
+
 def _few(rows: int) -> bool:
   return rows < DENSE_ROWS_B1
+
+
+def _windows(rows: int, pat, geo: Geometry) -> bool:
+  """b = 1 products y / dx: windows (few rows, or sparse enough) or a GEMM on W."""
+  return _few(rows) or _num(pat) / geo.P <= WINDOWS_MAX_DENSITY_B1
 
 
 # -- the backend -----------------------------------------------------------------------------
@@ -272,8 +382,8 @@ def fwd(x_BxM, v, pat, geo: Geometry, cfg):
   """y = x @ W."""
   if geo.block > 1:
     return _fwd_blocks(x_BxM, v, pat, geo, cfg)
-  if _few(x_BxM.shape[0]):
-    return _fwd_b1(x_BxM, v, pat, geo.m, geo.n)
+  if _windows(x_BxM.shape[0], pat, geo):
+    return _fwd_b1(x_BxM, v, pat, geo.m, geo.n).astype(_out_dtype(x_BxM, v))
   return jnp.matmul(x_BxM, _dense_w(v, pat, geo), precision=cfg.precision)
 
 
@@ -281,9 +391,8 @@ def dx(dy_BxN, v, pat, geo: Geometry, cfg):
   """dx = dy @ W.T."""
   if geo.block > 1:
     return _dx_blocks(dy_BxN, v, pat, geo, cfg)
-  if _few(dy_BxN.shape[0]):
-    v_t, pat_t = _transposed_b1(v, pat, geo.m, geo.n)
-    return _fwd_b1(dy_BxN, v_t, pat_t, geo.n, geo.m)
+  if _windows(dy_BxN.shape[0], pat, geo):
+    return _dx_b1(dy_BxN, v, pat, geo.m, geo.n).astype(_out_dtype(dy_BxN, v))
   return jnp.matmul(dy_BxN, _dense_w(v, pat, geo).T, precision=cfg.precision)
 
 
@@ -292,7 +401,7 @@ def dv(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
   if geo.block > 1:
     return _dv_blocks(x_BxM, dy_BxN, pat, geo, cfg)
   if _few(x_BxM.shape[0]):
-    return _dv_b1(x_BxM, dy_BxN, pat, geo.m, geo.n)
+    return _dv_b1(x_BxM, dy_BxN, pat, geo.m, geo.n, _num(pat))
   dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, precision=cfg.precision, preferred_element_type=_F32)
   o = pat.o_K if isinstance(pat, Frozen) else pat
   return pattern.gather_diagonals(dw_MxN, o, geo.m, geo.n, geo.block)
