@@ -1,6 +1,6 @@
 """What the Pallas kernels compile to on an H100 (sm_90a), no GPU needed: a markdown table.
 
-    python benchmarks/gpu_compile.py [--shape 768x3072] [--sparsity 0.9] [--rows 1576]
+    python -m benchmarks.gpu_compile [--shape 768x3072] [--sparsity 0.9] [--rows 1576]
                                      [--tile N] [--blocks 16,32,64,128]
 
 For diagonals in BCSR blocks of b, and for block-diagonal patterns of b x b blocks
@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def _in_compile_venv() -> bool:
@@ -40,7 +39,8 @@ def _reexec() -> int:
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
              TF_CPP_MIN_LOG_LEVEL="3",
              PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-  return subprocess.run([str(py), __file__, *sys.argv[1:]], env=env).returncode
+  return subprocess.run([str(py), "-m", "benchmarks.gpu_compile", *sys.argv[1:]], env=env,
+                        cwd=ROOT).returncode
 
 
 def mma_summary(instr: str) -> str:

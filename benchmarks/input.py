@@ -1,6 +1,6 @@
 """Input pipeline speed at 224 px with the ImageNet augmentations, on a generated stand-in.
 
-    python benchmarks/input.py [--images 1000] [--batch 128] [--batches 12] [--workers 0,1,2,3,4]
+    python -m benchmarks.input [--images 1000] [--batch 128] [--batches 12] [--workers 0,1,2,3,4]
 
 Writes `--images` synthetic photo-like JPEGs (~400 x 350, dynadiag_jax.data.synthetic) as
 ILSVRC2012 tars into a temp dir, prepares them with `python -m dynadiag_jax.data.prepare`
@@ -32,7 +32,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def _prepare(root: str, n: int) -> str:

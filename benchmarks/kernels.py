@@ -1,6 +1,6 @@
 """BCSR block counts, fill and estimated (or, on a GPU, measured) speed of ViT-B layers.
 
-    python benchmarks/kernels.py [--block 16] [--tokens 197] [--batches 1,16,256]
+    python -m benchmarks.kernels [--block 16] [--tokens 197] [--batches 1,16,256]
 
 For each ViT-B kernel shape and sparsity: K diagonals at random or as one contiguous band,
 converted plainly or with row/column clustering; the blocks stored (of the dense grid),
@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dynadiag_jax import pattern  # noqa: E402
-from pallas_kernels import _call, bcsr  # noqa: E402
+from dynadiag_jax import pattern
+from pallas_kernels import _call, bcsr
 
 SHAPES = ((768, 768), (768, 3072), (3072, 768))
 SPARSITIES = (0.6, 0.8, 0.9, 0.95, 0.99)

@@ -1,7 +1,7 @@
 """Frozen (block-)diagonal layers against nn.Dense on this machine: speed-ups, one run.
 
-    python benchmarks/layers.py            # the full table (30-60 min on 2 busy cores)
-    python benchmarks/layers.py --quick    # ViT-B MLP shapes, 1 and 1576 rows, 90 / 99%
+    python -m benchmarks.layers            # the full table (30-60 min on 2 busy cores)
+    python -m benchmarks.layers --quick    # ViT-B MLP shapes, 1 and 1576 rows, 90 / 99%
 
 For each kernel shape, row count and mode (forward; forward + backward = the loss, dx and
 the gradients of values and bias), every variant (nn.Dense, and a frozen layer
@@ -25,9 +25,7 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout
 
 import jax
 import jax.numpy as jnp

@@ -1,8 +1,8 @@
 """A whole ViT with DiagDense layers against the dense ViT on this machine, one run.
 
-    python benchmarks/models.py                  # ViT-S/16, 224 px, 90%, block 64
-    python benchmarks/models.py --quick          # depth 4, batch 4
-    python benchmarks/models.py --parts          # one encoder block, piece by piece
+    python -m benchmarks.models                  # ViT-S/16, 224 px, 90%, block 64
+    python -m benchmarks.models --quick          # depth 4, batch 4
+    python -m benchmarks.models --parts          # one encoder block, piece by piece
 
 Every linear layer of the encoder blocks (qkv, attn_out, mlp_in, mlp_out) is a DiagDense
 at the given sparsity and block (each layer the largest valid block up to it), backend
@@ -20,9 +20,7 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # measure this checkout
 
 import flax.linen
 import jax
@@ -31,7 +29,6 @@ import numpy as np
 import optax
 
 import dynadiag_jax as dd
-from dynadiag_jax.diag_dense import COLLECTION
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.models.vit import ViT
 

@@ -1,0 +1,1 @@
+"""CPU and deviceless-GPU benchmarks; run from the repository root as `python -m benchmarks.<name>`."""
