@@ -106,3 +106,26 @@ def test_bad_input_raises():
     dd.DiagDense(4, backend="nope").init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
   with pytest.raises(ValueError, match="positive"):
     dd.DiagDense(0).init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+
+
+def test_st_topk_layer_is_a_k_diagonal_layer_and_freeze_keeps_it(rng):
+  m, n, s = 64, 32, 0.8
+  k = pattern.num_kept(m, n, s)
+  layer = dd.DiagDense(n, sparsity=s, gate="st_topk", backend="dense")
+  x = jnp.asarray(rng.normal(size=(3, m)), jnp.float32)
+  v = layer.init(jax.random.PRNGKey(2), x)
+  a = np.asarray(v["params"]["alpha"])
+  assert len(np.unique(a)) == m  # ties broken: the first hard top-K is a random set
+  o = np.sort(np.argsort(-a)[:k])
+  assert o.max() >= k  # not the K lowest offsets
+  vals = np.asarray(v["params"]["values"])
+  np.testing.assert_allclose(np.var(vals), 1 / m, rtol=0.15)  # kept entries: nn.Dense's std
+  for level in (1.0, 0.5, 0.0):  # K_active = P, between, K
+    v = dd.set_k_active(dd.set_temperature(v, 0.3), level)
+    w = pattern.densify(vals[o], o, m, n)  # gates exactly 1 on the top-K
+    chex.assert_trees_all_close(layer.apply(v, x), x @ w + v["params"]["bias"], rtol=1e-5,
+                                atol=1e-5)
+  frozen, _ = dd.freeze(v, None, gate="st_topk")
+  np.testing.assert_array_equal(frozen["dynadiag"]["offsets"], o)
+  np.testing.assert_array_equal(frozen["params"]["values"], vals[o])  # gates of 1 fold to nothing
+  chex.assert_trees_all_close(layer.apply(frozen, x), layer.apply(v, x), rtol=1e-6, atol=1e-6)
