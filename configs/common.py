@@ -103,6 +103,7 @@ def base() -> ml_collections.ConfigDict:
       "group": 0,  # nm: M consecutive inputs per group (0: all inputs, constant fan-in)
   })
   c.l1 = 0.0  # l1 penalty on alpha
+  c.alpha_lr = 1.0  # alpha's learning rate as a multiple of optimizer.lr
   c.schedule = ml_collections.ConfigDict({
       "freeze_fraction": 0.3,  # exploration share of training, then freeze
       "t_start": 5.0, "t_end": 0.05,  # cosine temperature of the soft top-k

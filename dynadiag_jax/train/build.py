@@ -158,7 +158,7 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   if sched is None:
     return tx
-  return dd.optim.wrap(tx, l1=config.l1)
+  return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)))
 
 
 def input_key(spec: DataSpec) -> tuple[str, str]:
