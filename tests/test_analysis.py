@@ -42,3 +42,12 @@ def test_layer_graph_and_small_world(rng):
   assert band["C"] > band["C_rand"]
   gb = analysis.layer_graph([0, 2], 32, 16, block=8)  # 2 block-diagonals of 2 blocks of 8 x 8
   assert gb.number_of_edges() == 2 * 2 * 64
+
+
+def test_dd_analysis_is_exported_and_lazy():
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  code = ("import sys, dynadiag_jax as dd; lazy = 'networkx' not in sys.modules; "
+          "assert dd.analysis.small_world and 'analysis' in dd.__all__; print(lazy)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "True"
+  assert dd.analysis is analysis
