@@ -76,7 +76,8 @@ class DiagDense(nn.Module):
   method; with `fit_block` the layer takes the largest valid b up to `block`); `kernel_init` describes the effective kernel (None: truncated normal of
   `nn.Dense`'s variance); `gate` names a gate of `dynadiag_jax.gates`
   ('soft_topk', the paper's; 'capped_topk'; 'st_topk', hard forward, soft gradient: its
-  values start at 1 / (P/K) of the soft gates' scale and alpha with random ties broken).
+  values start at 1 / (P/K) of the soft gates' scale and alpha with random ties broken;
+  'st_topk_shadow', the same with the dense gradient on the values of every active diagonal).
   """
   features: int
   sparsity: float = 0.9
@@ -130,15 +131,18 @@ class DiagDense(nn.Module):
         raise ValueError(f"{k_active} active diagonals; must lie in [K, P] = [{k}, {p}]")
       g_P = gate(alpha_P, k, t.value)
       g_P = g_P.reshape((p,) + (1,) * (values.ndim - 1))
+      gated = lambda g, v: g * v
+      if self.gate in gates.SHADOW:  # forward g * v; d/dv = dL/dW on every active diagonal
+        gated = lambda g, v: g * v + (1 - jax.lax.stop_gradient(g)) * (v - jax.lax.stop_gradient(v))
       if k_active == p:  # every diagonal: W is dense, one GEMM whatever the backend
         bias = self._bias(n)
-        x, v_all, bias = nn.dtypes.promote_dtype(x, g_P * values, bias, dtype=self.dtype)
+        x, v_all, bias = nn.dtypes.promote_dtype(x, gated(g_P, values), bias, dtype=self.dtype)
         y = jnp.matmul(x, pattern.densify_all(v_all, m, n, geo.block), precision=self.precision)
         return y if bias is None else y + bias
       o_K = gates.topk_indices(jax.lax.stop_gradient(alpha_P), k_active)
       if self.is_mutable_collection(COLLECTION) and not self.is_initializing():
         active.value = o_K
-      v = g_P[o_K] * values[o_K]
+      v = gated(g_P[o_K], values[o_K])
 
     bias = self._bias(n)
     x, v, bias = nn.dtypes.promote_dtype(x, v, bias, dtype=self.dtype)

@@ -60,8 +60,13 @@ def st_topk(alpha_P: jax.Array, k: int, temperature: float | jax.Array) -> jax.A
   return hard_P + (soft_P - jax.lax.stop_gradient(soft_P))
 
 
-BY_NAME = {"soft_topk": soft_topk, "capped_topk": capped_topk, "st_topk": st_topk}
-HARD = ("st_topk",)  # gates whose forward value is the hard 0/1 top-k mask
+BY_NAME = {"soft_topk": soft_topk, "capped_topk": capped_topk, "st_topk": st_topk,
+           "st_topk_shadow": st_topk}
+HARD = ("st_topk", "st_topk_shadow")  # gates whose forward value is the hard 0/1 top-k mask
+# DiagDense also gives the values of the unselected active diagonals their full gradient
+# (trained in the shadow, as in Top-KAST), so that alpha's gradient <dL/dW_p, values_p>
+# is informative for diagonals outside the top-K; the forward pass is unchanged.
+SHADOW = ("st_topk_shadow",)
 
 
 def init_gain(name: str, k: int, p: int) -> float:
@@ -71,7 +76,7 @@ def init_gain(name: str, k: int, p: int) -> float:
 
 
 def by_name(name: str):
-  """The gate function called `name` ('soft_topk' | 'capped_topk' | 'st_topk')."""
+  """The gate function called `name` ('soft_topk' | 'capped_topk' | 'st_topk' | 'st_topk_shadow')."""
   if name not in BY_NAME:
     raise ValueError(f"unknown gate {name!r}; choose one of {sorted(BY_NAME)}")
   return BY_NAME[name]

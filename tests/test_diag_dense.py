@@ -129,3 +129,24 @@ def test_st_topk_layer_is_a_k_diagonal_layer_and_freeze_keeps_it(rng):
   np.testing.assert_array_equal(frozen["dynadiag"]["offsets"], o)
   np.testing.assert_array_equal(frozen["params"]["values"], vals[o])  # gates of 1 fold to nothing
   chex.assert_trees_all_close(layer.apply(frozen, x), layer.apply(v, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", [1.0, 0.5])
+def test_st_topk_shadow_same_forward_dense_value_grad(level, rng):
+  m, n, s = 32, 16, 0.75
+  x = jnp.asarray(rng.normal(size=(3, m)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
+  lay = {g: dd.DiagDense(n, sparsity=s, gate=g, backend="dense") for g in ("st_topk", "st_topk_shadow")}
+  v = dd.set_k_active(dd.set_temperature(lay["st_topk"].init(jax.random.PRNGKey(3), x), 0.5), level)
+  grads = {g: jax.grad(lambda p, l=l: (l.apply({**v, "params": p}, x) * c).sum())(v["params"])
+           for g, l in lay.items()}
+  np.testing.assert_array_equal(lay["st_topk_shadow"].apply(v, x), lay["st_topk"].apply(v, x))
+  chex.assert_trees_all_close(grads["st_topk_shadow"]["alpha"], grads["st_topk"]["alpha"], rtol=1e-6)
+  act = np.asarray(v["dynadiag"]["active"])
+  # shadow: every active diagonal's values get dL/dW on that diagonal (the gates' 0/1 dropped)
+  dw = x.T @ c  # dL/dW of the linear loss
+  want = np.zeros_like(np.asarray(v["params"]["values"]))
+  want[act] = pattern.gather_diagonals(dw, act, m, n, 1)
+  chex.assert_trees_all_close(grads["st_topk_shadow"]["values"], want, rtol=1e-5, atol=1e-5)
+  k = pattern.num_kept(m, n, s)
+  assert int((np.abs(np.asarray(grads["st_topk"]["values"])).sum(1) > 0).sum()) == k
