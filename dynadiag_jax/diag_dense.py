@@ -92,7 +92,7 @@ class DiagDense(nn.Module):
   alpha_init: nn.initializers.Initializer | None = None
   backend: str = "auto"
   kernel_config: KernelConfig = KernelConfig()
-  gate: str = "soft_topk"
+  gate: str = gates.DEFAULT
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -67,6 +67,8 @@ HARD = ("st_topk", "st_topk_shadow")  # gates whose forward value is the hard 0/
 # (trained in the shadow, as in Top-KAST), so that alpha's gradient <dL/dW_p, values_p>
 # is informative for diagonals outside the top-K; the forward pass is unchanged.
 SHADOW = ("st_topk_shadow",)
+PAPER = "soft_topk"  # the paper's gate (with the paper's schedule, `schedules.Schedule`)
+DEFAULT = "soft_topk"  # DiagDense, LayerFactory, advance / freeze and configs/common.py
 
 
 def init_gain(name: str, k: int, p: int) -> float:
