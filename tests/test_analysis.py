@@ -18,6 +18,7 @@ def test_gates_match_library_and_entropy_limits(rng):
   assert abs(analysis.gate_entropy(np.full(40, 0.2)) - np.log(40)) < 1e-9
   hard = np.asarray(hard_topk(a, 7))
   assert abs(analysis.gate_entropy(hard) - np.log(7)) < 1e-9
+  np.testing.assert_array_equal(analysis.gates(a, 7, 0.3, "st_topk"), np.asarray(dd.gates.st_topk(a, 7, 0.3)))
   counts, edges = analysis.offset_histogram([0, 1, 2, 39], 40, bins=4)
   assert counts.tolist() == [3, 0, 0, 1] and edges[-1] == 40
 
