@@ -29,7 +29,7 @@ def _randomize(v, rng, level=0.5, temperature=0.3):
 @pytest.mark.parametrize("level", [0.0, 0.5, 1.0])  # K_active = K, between, P
 @pytest.mark.parametrize("m,n,s", [(20, 12, 0.75), (12, 20, 0.5), (16, 16, 0.9), (7, 3, 0.0)])
 def test_equals_dense_reference_and_grads(m, n, s, level, rng):
-  layer = dd.DiagDense(n, sparsity=s, backend="dense")
+  layer = dd.DiagDense(n, sparsity=s, backend="dense", gate=gates.PAPER)  # soft_topk
   x = jnp.asarray(rng.normal(size=(2, 3, m)), jnp.float32)
   v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng, level=level)
   k = pattern.num_kept(m, n, s)
@@ -56,7 +56,7 @@ def test_equals_dense_reference_and_grads(m, n, s, level, rng):
 
 
 def test_params_and_collection_layout():
-  v = dd.DiagDense(10, sparsity=0.6).init(jax.random.PRNGKey(0), jnp.ones((1, 25)))
+  v = dd.DiagDense(10, sparsity=0.6, gate="soft_topk").init(jax.random.PRNGKey(0), jnp.ones((1, 25)))
   chex.assert_shape([v["params"]["alpha"], v["params"]["values"], v["params"]["bias"]],
                     [(25,), (25, 10), (10,)])
   np.testing.assert_allclose(v["params"]["alpha"], 1 / 25)
@@ -67,7 +67,7 @@ def test_params_and_collection_layout():
 @pytest.mark.parametrize("m,n,s", [(256, 128, 0.9), (128, 256, 0.75)])
 def test_init_matches_dense_effective_variance(m, n, s):
   x = jnp.ones((1, m))
-  v = dd.DiagDense(n, sparsity=s).init(jax.random.PRNGKey(1), x)
+  v = dd.DiagDense(n, sparsity=s, gate="soft_topk").init(jax.random.PRNGKey(1), x)
   w = _w_eff(v["params"], v["dynadiag"], m, n, pattern.num_kept(m, n, s))
   wd = nn.Dense(n).init(jax.random.PRNGKey(1), x)["params"]["kernel"]
   np.testing.assert_allclose(np.var(w), np.var(wd), rtol=0.1)
@@ -150,3 +150,14 @@ def test_st_topk_shadow_same_forward_dense_value_grad(level, rng):
   chex.assert_trees_all_close(grads["st_topk_shadow"]["values"], want, rtol=1e-5, atol=1e-5)
   k = pattern.num_kept(m, n, s)
   assert int((np.abs(np.asarray(grads["st_topk"]["values"])).sum(1) > 0).sum()) == k
+
+
+def test_one_default_gate_everywhere():
+  import inspect  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  assert gates.DEFAULT == "st_topk_shadow" and gates.PAPER == "soft_topk"  # README, Evidence
+  assert dd.DiagDense(4).gate == dd.LayerFactory().gate == common.base().gate == gates.DEFAULT
+  for fn in (dd.freeze, dd.advance):
+    assert inspect.signature(fn).parameters["gate"].default == gates.DEFAULT
+  v = dd.DiagDense(8, sparsity=0.75).init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
+  assert len(np.unique(np.asarray(v["params"]["alpha"]))) == 8  # a hard gate's tie-break init
