@@ -93,7 +93,10 @@ def base() -> ml_collections.ConfigDict:
       "batch_tile": 0,  # rows per kernel program; 0 = automatic
       "cluster": False,  # reorder rows / columns of frozen layouts for fuller blocks
   })
-  c.gate = "soft_topk"  # DiagDense gate: 'soft_topk' (paper) | 'capped_topk' (sums to K exactly)
+  # DiagDense gate (dynadiag_jax.gates): 'st_topk_shadow' (default: hard top-K forward, soft
+  # gradient to alpha, dense gradient to the values) | 'st_topk' | 'soft_topk' (the paper's) |
+  # 'capped_topk' (sums to K exactly)
+  c.gate = "st_topk_shadow"
   c.method = "dynadiag"  # dense | dynadiag | static_diag | diagheur | diagrigl | rigl | set | gmp | nm
   c.masks = ml_collections.ConfigDict({  # mask methods (dynadiag_jax.methods)
       "every": 100,  # steps between mask updates
@@ -103,6 +106,7 @@ def base() -> ml_collections.ConfigDict:
       "group": 0,  # nm: M consecutive inputs per group (0: all inputs, constant fan-in)
   })
   c.l1 = 0.0  # l1 penalty on alpha
+  c.alpha_lr = 1.0  # alpha's learning rate as a multiple of optimizer.lr
   c.schedule = ml_collections.ConfigDict({
       "freeze_fraction": 0.3,  # exploration share of training, then freeze
       "t_start": 5.0, "t_end": 0.05,  # cosine temperature of the soft top-k

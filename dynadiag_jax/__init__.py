@@ -9,7 +9,16 @@ from dynadiag_jax.schedules import Schedule
 from dynadiag_jax.summary import summarize, totals
 
 __all__ = [
-    "DiagDense", "LayerFactory", "Schedule", "advance", "allocation", "exploring_layers", "freeze",
+    "DiagDense", "LayerFactory", "Schedule", "advance", "allocation", "analysis",
+    "exploring_layers", "freeze",
     "gates", "linear_calls", "ops", "optim", "pattern", "schedules", "set_k_active",
     "set_temperature", "summarize", "totals",
 ]
+
+
+def __getattr__(name: str):
+  """`dd.analysis`, imported on first use (networkx takes ~1 s to import)."""
+  if name == "analysis":
+    import importlib  # pylint: disable=g-import-not-at-top
+    return importlib.import_module("dynadiag_jax.analysis")
+  raise AttributeError(f"module 'dynadiag_jax' has no attribute {name!r}")

@@ -16,10 +16,17 @@ import networkx as nx
 import numpy as np
 
 from dynadiag_jax import pattern
+from dynadiag_jax.gates import HARD as HARD_GATES
 
 
-def gates(alpha_P: np.ndarray, k: int, temperature: float) -> np.ndarray:
-  """g_P = min(k softmax(alpha / T), 1), in numpy (the soft top-k of `dd.gates.soft_topk`)."""
+def gates(alpha_P: np.ndarray, k: int, temperature: float, gate: str = "soft_topk") -> np.ndarray:
+  """g_P = min(k softmax(alpha / T), 1), in numpy (the soft top-k of `dd.gates.soft_topk`);
+  for a hard gate (`dd.gates.HARD`, e.g. 'st_topk') its forward value, 1 on the top-k of alpha."""
+  if gate in HARD_GATES:
+    a = np.asarray(alpha_P)
+    g = np.zeros(a.shape, np.float64)
+    g[np.argsort(-a, kind="stable")[:k]] = 1.0  # ties: lower index, as gates.topk_indices
+    return g
   z = np.asarray(alpha_P, np.float64) / float(temperature)
   e = np.exp(z - z.max())
   return np.minimum(k * e / e.sum(), 1.0)

@@ -19,9 +19,16 @@ DEFAULT_TEMPERATURE = 5.0
 _TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 
 
-def values_init(m: int, n: int, k: int, block: int = 1) -> nn.initializers.Initializer:
-  """Truncated normal whose gated kernel (all gates k / P) has nn.Dense's variance 1/m."""
-  std = (pattern.num_diagonals(m, n, block) / k) / np.sqrt(m) / _TRUNC_STD
+def values_init(m: int, n: int, k: int, block: int = 1,
+                gain: float | None = None) -> nn.initializers.Initializer:
+  """Truncated normal whose gated kernel (all gates k / P) has nn.Dense's variance 1/m.
+
+  `gain` (default P / k) is 1 / the gates' value at init: 1 for a hard gate (`gates.HARD`),
+  whose K kept entries per row then have nn.Dense's std 1/sqrt(m), as a static layer's.
+  """
+  if gain is None:
+    gain = pattern.num_diagonals(m, n, block) / k
+  std = gain / np.sqrt(m) / _TRUNC_STD
 
   def init(key, shape, dtype=jnp.float32):
     return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
@@ -30,7 +37,7 @@ def values_init(m: int, n: int, k: int, block: int = 1) -> nn.initializers.Initi
 
 
 def effective_init(kernel_init: nn.initializers.Initializer, geo: Geometry,
-                   k: int) -> nn.initializers.Initializer:
+                   k: int, gain: float | None = None) -> nn.initializers.Initializer:
   """Values whose gated kernel (all gates k / P) is `kernel_init`'s (m, n) kernel on the diagonals.
 
   An initializer describes the effective kernel, as in `nn.Dense`: lecun_normal gives the
@@ -41,7 +48,17 @@ def effective_init(kernel_init: nn.initializers.Initializer, geo: Geometry,
     w_MxN = kernel_init(key, (geo.m, geo.n), jnp.float32)
     rows = np.arange(shape[0])  # (P,) while exploring, every diagonal
     v = pattern.gather_diagonals(w_MxN, rows, geo.m, geo.n, geo.block)
-    return (v * (geo.P / k)).astype(dtype)
+    return (v * (geo.P / k if gain is None else gain)).astype(dtype)
+
+  return init
+
+
+def tie_break_init(p: int, spread: float = 1e-3) -> nn.initializers.Initializer:
+  """alpha = (1 + spread * u) / P, u ~ U[0, 1): distinct, so a hard top-k starts on a random set."""
+
+  def init(key, shape, dtype=jnp.float32):
+    u = jax.random.uniform(key, shape, jnp.float32)
+    return ((1.0 + spread * u) / p).astype(dtype)
 
   return init
 
@@ -57,7 +74,10 @@ class DiagDense(nn.Module):
   holds `offsets` (K,) and `in_features` ().
   `block` b selects b x b block-diagonals (b must divide both sides; 1 is the paper's
   method; with `fit_block` the layer takes the largest valid b up to `block`); `kernel_init` describes the effective kernel (None: truncated normal of
-  `nn.Dense`'s variance); `gate` is the soft top-k of `dynadiag_jax.gates`.
+  `nn.Dense`'s variance); `gate` names a gate of `dynadiag_jax.gates`
+  ('soft_topk', the paper's; 'capped_topk'; 'st_topk', hard forward, soft gradient: its
+  values start at 1 / (P/K) of the soft gates' scale and alpha with random ties broken;
+  'st_topk_shadow', the same with the dense gradient on the values of every active diagonal).
   """
   features: int
   sparsity: float = 0.9
@@ -72,7 +92,7 @@ class DiagDense(nn.Module):
   alpha_init: nn.initializers.Initializer | None = None
   backend: str = "auto"
   kernel_config: KernelConfig = KernelConfig()
-  gate: str = "soft_topk"
+  gate: str = gates.DEFAULT
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -93,7 +113,12 @@ class DiagDense(nn.Module):
                      self.param_dtype)
     else:
       p = geo.P
-      alpha_init = self.alpha_init or nn.initializers.constant(1.0 / p)
+      if self.alpha_init is not None:
+        alpha_init = self.alpha_init
+      elif self.gate in gates.HARD:  # equal alphas would keep the lowest K offsets
+        alpha_init = tie_break_init(p)
+      else:
+        alpha_init = nn.initializers.constant(1.0 / p)
       alpha_P = self.param("alpha", alpha_init, (p,), self.param_dtype)
       values = self.param("values", self._values_init(geo, k), geo.values_shape(p),
                           self.param_dtype)
@@ -106,15 +131,18 @@ class DiagDense(nn.Module):
         raise ValueError(f"{k_active} active diagonals; must lie in [K, P] = [{k}, {p}]")
       g_P = gate(alpha_P, k, t.value)
       g_P = g_P.reshape((p,) + (1,) * (values.ndim - 1))
+      gated = lambda g, v: g * v
+      if self.gate in gates.SHADOW:  # forward g * v; d/dv = dL/dW on every active diagonal
+        gated = lambda g, v: g * v + (1 - jax.lax.stop_gradient(g)) * (v - jax.lax.stop_gradient(v))
       if k_active == p:  # every diagonal: W is dense, one GEMM whatever the backend
         bias = self._bias(n)
-        x, v_all, bias = nn.dtypes.promote_dtype(x, g_P * values, bias, dtype=self.dtype)
+        x, v_all, bias = nn.dtypes.promote_dtype(x, gated(g_P, values), bias, dtype=self.dtype)
         y = jnp.matmul(x, pattern.densify_all(v_all, m, n, geo.block), precision=self.precision)
         return y if bias is None else y + bias
       o_K = gates.topk_indices(jax.lax.stop_gradient(alpha_P), k_active)
       if self.is_mutable_collection(COLLECTION) and not self.is_initializing():
         active.value = o_K
-      v = g_P[o_K] * values[o_K]
+      v = gated(g_P[o_K], values[o_K])
 
     bias = self._bias(n)
     x, v, bias = nn.dtypes.promote_dtype(x, v, bias, dtype=self.dtype)
@@ -129,9 +157,10 @@ class DiagDense(nn.Module):
     return pattern.check_block(m, n, self.block, self.name or "")
 
   def _values_init(self, geo: Geometry, k: int) -> nn.initializers.Initializer:
+    gain = gates.init_gain(self.gate, k, geo.P)
     if self.kernel_init is None:
-      return values_init(geo.m, geo.n, k, geo.block)
-    return effective_init(self.kernel_init, geo, k)
+      return values_init(geo.m, geo.n, k, geo.block, gain)
+    return effective_init(self.kernel_init, geo, k, gain)
 
   def _check_frozen_width(self, m: int) -> None:
     want = self.get_variable(COLLECTION, "in_features")

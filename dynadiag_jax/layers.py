@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dynadiag_jax import gates
 from dynadiag_jax.diag_dense import DiagDense
 from dynadiag_jax.ops import KernelConfig
 
@@ -27,7 +28,7 @@ class LayerFactory:
   param_dtype: Any = jnp.float32
   block: int = 1
   kernel_config: KernelConfig = KernelConfig()
-  gate: str = "soft_topk"
+  gate: str = gates.DEFAULT
 
   @classmethod
   def from_dict(cls, sparsity: Mapping[str, float], **kw) -> "LayerFactory":

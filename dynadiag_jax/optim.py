@@ -39,12 +39,18 @@ def add_l1(strength: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def wrap(tx: optax.GradientTransformation, l1: float = 0.0) -> optax.GradientTransformation:
-  """tx with an l1 penalty on alpha before it (alpha itself leaves at the freeze).
+def wrap(tx: optax.GradientTransformation, l1: float = 0.0,
+         alpha_lr: float = 1.0) -> optax.GradientTransformation:
+  """tx with an l1 penalty on alpha before it and alpha's updates x `alpha_lr` after it.
 
   Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g. optax.adamw) so that
-  alpha is never decayed. The l1 term is masked by param name to `alpha`.
+  alpha is never decayed. Both terms are masked by param name to `alpha` (which leaves
+  at the freeze).
   """
-  if not l1:
-    return tx
-  return optax.chain(optax.masked(add_l1(l1), alpha_mask), tx)
+  if alpha_lr <= 0:
+    raise ValueError(f"alpha_lr must be > 0, got {alpha_lr}")
+  parts = [optax.masked(add_l1(l1), alpha_mask)] if l1 else []
+  parts.append(tx)
+  if alpha_lr != 1.0:
+    parts.append(optax.masked(optax.scale(alpha_lr), alpha_mask))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -85,7 +85,7 @@ def set_k_active(variables: Mapping[str, Any], level: float,
 
 
 def advance(variables: Mapping[str, Any], opt_state: Any, sched: schedules.Schedule,
-            step: int, gate: str = "soft_topk") -> tuple[dict, Any]:
+            step: int, gate: str = gates.DEFAULT) -> tuple[dict, Any]:
   """(variables, opt_state) in the phase `sched` gives `step`: the one way to drive phases.
 
   Call it before every step s (and once with s = total_steps after the last, which
@@ -143,7 +143,7 @@ def _leaf_paths(tree: Any) -> set[str]:
 
 
 def freeze(variables: Mapping[str, Any], opt_state: Any = None,
-           gate: str = "soft_topk") -> tuple[dict, Any]:
+           gate: str = gates.DEFAULT) -> tuple[dict, Any]:
   """(variables, opt_state) after the freeze transition (docs/DESIGN.md section 3).
 
   Always a pair: the second item is the gathered `opt_state`, or None when none is given.

@@ -221,7 +221,8 @@ def plot_metric(rows: list[dict], sparsities: list[float], methods: list[str], p
 
 
 def plot_gates(run: str, path: str) -> bool:
-  """alpha's gates g = min(K softmax(alpha / T), 1) of one layer over exploration (heatmap)."""
+  """The gates of one layer over exploration (heatmap): min(K softmax(alpha / T), 1), or the
+  forward 0/1 top-K of a hard gate."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -230,7 +231,8 @@ def plot_gates(run: str, path: str) -> bool:
   if not tr:
     return False
   steps = [r["step"] for r in tr]
-  g_SxP = np.stack([analysis.gates(np.array(r["alpha"]), r["k"], r["temperature"]) for r in tr])
+  g_SxP = np.stack([analysis.gates(np.array(r["alpha"]), r["k"], r["temperature"],
+                                   r.get("gate", "soft_topk")) for r in tr])
   fig, (a0, a1) = plt.subplots(1, 2, figsize=(10, 3.6))
   im = a0.imshow(g_SxP.T, aspect="auto", origin="lower", cmap="viridis",
                  extent=(steps[0], steps[-1], 0, g_SxP.shape[1]))

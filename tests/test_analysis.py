@@ -18,6 +18,7 @@ def test_gates_match_library_and_entropy_limits(rng):
   assert abs(analysis.gate_entropy(np.full(40, 0.2)) - np.log(40)) < 1e-9
   hard = np.asarray(hard_topk(a, 7))
   assert abs(analysis.gate_entropy(hard) - np.log(7)) < 1e-9
+  np.testing.assert_array_equal(analysis.gates(a, 7, 0.3, "st_topk"), np.asarray(dd.gates.st_topk(a, 7, 0.3)))
   counts, edges = analysis.offset_histogram([0, 1, 2, 39], 40, bins=4)
   assert counts.tolist() == [3, 0, 0, 1] and edges[-1] == 40
 
@@ -42,3 +43,12 @@ def test_layer_graph_and_small_world(rng):
   assert band["C"] > band["C_rand"]
   gb = analysis.layer_graph([0, 2], 32, 16, block=8)  # 2 block-diagonals of 2 blocks of 8 x 8
   assert gb.number_of_edges() == 2 * 2 * 64
+
+
+def test_dd_analysis_is_exported_and_lazy():
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  code = ("import sys, dynadiag_jax as dd; lazy = 'networkx' not in sys.modules; "
+          "assert dd.analysis.small_world and 'analysis' in dd.__all__; print(lazy)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "True"
+  assert dd.analysis is analysis

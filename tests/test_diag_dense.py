@@ -29,7 +29,7 @@ def _randomize(v, rng, level=0.5, temperature=0.3):
 @pytest.mark.parametrize("level", [0.0, 0.5, 1.0])  # K_active = K, between, P
 @pytest.mark.parametrize("m,n,s", [(20, 12, 0.75), (12, 20, 0.5), (16, 16, 0.9), (7, 3, 0.0)])
 def test_equals_dense_reference_and_grads(m, n, s, level, rng):
-  layer = dd.DiagDense(n, sparsity=s, backend="dense")
+  layer = dd.DiagDense(n, sparsity=s, backend="dense", gate=gates.PAPER)  # soft_topk
   x = jnp.asarray(rng.normal(size=(2, 3, m)), jnp.float32)
   v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng, level=level)
   k = pattern.num_kept(m, n, s)
@@ -56,7 +56,7 @@ def test_equals_dense_reference_and_grads(m, n, s, level, rng):
 
 
 def test_params_and_collection_layout():
-  v = dd.DiagDense(10, sparsity=0.6).init(jax.random.PRNGKey(0), jnp.ones((1, 25)))
+  v = dd.DiagDense(10, sparsity=0.6, gate="soft_topk").init(jax.random.PRNGKey(0), jnp.ones((1, 25)))
   chex.assert_shape([v["params"]["alpha"], v["params"]["values"], v["params"]["bias"]],
                     [(25,), (25, 10), (10,)])
   np.testing.assert_allclose(v["params"]["alpha"], 1 / 25)
@@ -67,7 +67,7 @@ def test_params_and_collection_layout():
 @pytest.mark.parametrize("m,n,s", [(256, 128, 0.9), (128, 256, 0.75)])
 def test_init_matches_dense_effective_variance(m, n, s):
   x = jnp.ones((1, m))
-  v = dd.DiagDense(n, sparsity=s).init(jax.random.PRNGKey(1), x)
+  v = dd.DiagDense(n, sparsity=s, gate="soft_topk").init(jax.random.PRNGKey(1), x)
   w = _w_eff(v["params"], v["dynadiag"], m, n, pattern.num_kept(m, n, s))
   wd = nn.Dense(n).init(jax.random.PRNGKey(1), x)["params"]["kernel"]
   np.testing.assert_allclose(np.var(w), np.var(wd), rtol=0.1)
@@ -106,3 +106,58 @@ def test_bad_input_raises():
     dd.DiagDense(4, backend="nope").init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
   with pytest.raises(ValueError, match="positive"):
     dd.DiagDense(0).init(jax.random.PRNGKey(0), jnp.ones((1, 4)))
+
+
+def test_st_topk_layer_is_a_k_diagonal_layer_and_freeze_keeps_it(rng):
+  m, n, s = 64, 32, 0.8
+  k = pattern.num_kept(m, n, s)
+  layer = dd.DiagDense(n, sparsity=s, gate="st_topk", backend="dense")
+  x = jnp.asarray(rng.normal(size=(3, m)), jnp.float32)
+  v = layer.init(jax.random.PRNGKey(2), x)
+  a = np.asarray(v["params"]["alpha"])
+  assert len(np.unique(a)) == m  # ties broken: the first hard top-K is a random set
+  o = np.sort(np.argsort(-a)[:k])
+  assert o.max() >= k  # not the K lowest offsets
+  vals = np.asarray(v["params"]["values"])
+  np.testing.assert_allclose(np.var(vals), 1 / m, rtol=0.15)  # kept entries: nn.Dense's std
+  for level in (1.0, 0.5, 0.0):  # K_active = P, between, K
+    v = dd.set_k_active(dd.set_temperature(v, 0.3), level)
+    w = pattern.densify(vals[o], o, m, n)  # gates exactly 1 on the top-K
+    chex.assert_trees_all_close(layer.apply(v, x), x @ w + v["params"]["bias"], rtol=1e-5,
+                                atol=1e-5)
+  frozen, _ = dd.freeze(v, None, gate="st_topk")
+  np.testing.assert_array_equal(frozen["dynadiag"]["offsets"], o)
+  np.testing.assert_array_equal(frozen["params"]["values"], vals[o])  # gates of 1 fold to nothing
+  chex.assert_trees_all_close(layer.apply(frozen, x), layer.apply(v, x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("level", [1.0, 0.5])
+def test_st_topk_shadow_same_forward_dense_value_grad(level, rng):
+  m, n, s = 32, 16, 0.75
+  x = jnp.asarray(rng.normal(size=(3, m)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
+  lay = {g: dd.DiagDense(n, sparsity=s, gate=g, backend="dense") for g in ("st_topk", "st_topk_shadow")}
+  v = dd.set_k_active(dd.set_temperature(lay["st_topk"].init(jax.random.PRNGKey(3), x), 0.5), level)
+  grads = {g: jax.grad(lambda p, l=l: (l.apply({**v, "params": p}, x) * c).sum())(v["params"])
+           for g, l in lay.items()}
+  np.testing.assert_array_equal(lay["st_topk_shadow"].apply(v, x), lay["st_topk"].apply(v, x))
+  chex.assert_trees_all_close(grads["st_topk_shadow"]["alpha"], grads["st_topk"]["alpha"], rtol=1e-6)
+  act = np.asarray(v["dynadiag"]["active"])
+  # shadow: every active diagonal's values get dL/dW on that diagonal (the gates' 0/1 dropped)
+  dw = x.T @ c  # dL/dW of the linear loss
+  want = np.zeros_like(np.asarray(v["params"]["values"]))
+  want[act] = pattern.gather_diagonals(dw, act, m, n, 1)
+  chex.assert_trees_all_close(grads["st_topk_shadow"]["values"], want, rtol=1e-5, atol=1e-5)
+  k = pattern.num_kept(m, n, s)
+  assert int((np.abs(np.asarray(grads["st_topk"]["values"])).sum(1) > 0).sum()) == k
+
+
+def test_one_default_gate_everywhere():
+  import inspect  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  assert gates.DEFAULT == "st_topk_shadow" and gates.PAPER == "soft_topk"  # README, Evidence
+  assert dd.DiagDense(4).gate == dd.LayerFactory().gate == common.base().gate == gates.DEFAULT
+  for fn in (dd.freeze, dd.advance):
+    assert inspect.signature(fn).parameters["gate"].default == gates.DEFAULT
+  v = dd.DiagDense(8, sparsity=0.75).init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
+  assert len(np.unique(np.asarray(v["params"]["alpha"]))) == 8  # a hard gate's tie-break init

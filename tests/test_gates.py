@@ -62,3 +62,28 @@ def test_capped_topk_sums_to_k_and_reaches_hard_topk(k, rng):
 def test_capped_topk_equals_soft_topk_without_saturation(rng):
   a = jnp.asarray(rng.normal(size=100) * 0.01, jnp.float32)
   chex.assert_trees_all_close(gates.capped_topk(a, 10, 1.0), gates.soft_topk(a, 10, 1.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("t", [5.0, 0.05])
+@pytest.mark.parametrize("k", [1, 7, 64])
+def test_st_topk_forward_is_hard_topk_and_grad_is_soft_topk(k, t, rng):
+  a = jnp.asarray(rng.normal(size=64), jnp.float32)
+  g = gates.st_topk(a, k, t)
+  np.testing.assert_array_equal(np.asarray(g), np.asarray(hard_topk(a, k)))  # exactly 0 / 1
+  c = jnp.asarray(rng.normal(size=64), jnp.float32)
+  got = jax.grad(lambda a: (gates.st_topk(a, k, t) * c).sum())(a)
+  want = jax.grad(lambda a: (gates.soft_topk(a, k, t) * c).sum())(a)
+  chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+  assert float(jnp.abs(want).max()) > 0  # the check compares non-trivial gradients
+  np.testing.assert_array_equal(np.asarray(jax.jit(gates.st_topk, static_argnums=1)(a, k, t)),
+                                np.asarray(g))
+
+
+def test_gate_names_and_init_gain():
+  assert gates.by_name("st_topk") is gates.st_topk
+  assert gates.init_gain("st_topk", 8, 64) == 1.0
+  assert gates.init_gain("soft_topk", 8, 64) == gates.init_gain("capped_topk", 8, 64) == 8.0
+  with pytest.raises(ValueError, match="unknown gate"):
+    gates.by_name("hard")
+  with pytest.raises(ValueError, match="k must lie"):
+    gates.st_topk(jnp.ones(4), 5, 1.0)

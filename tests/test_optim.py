@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+import pytest
 
 from dynadiag_jax import optim
 
@@ -47,3 +48,22 @@ def test_adamw_with_decay_mask_never_decays_alpha(rng):
 def test_wrap_without_l1_is_the_transform_itself():
   tx = optax.adam(0.1)
   assert optim.wrap(tx) is tx
+
+
+def test_alpha_lr_scales_alpha_updates_only(rng):
+  p = _params(rng)
+  g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+  base = optax.adam(0.1)
+  u0, _ = base.update(g, base.init(p), p)
+  tx = optim.wrap(base, l1=0.3, alpha_lr=10.0)
+  u, _ = tx.update(g, tx.init(p), p)
+  g1 = {**g, "l": {**g["l"], "alpha": g["l"]["alpha"] + 0.3 * jnp.sign(p["l"]["alpha"])}}
+  u1, _ = base.update(g1, base.init(p), p)
+  chex.assert_trees_all_close(u["l"]["alpha"], 10.0 * u1["l"]["alpha"], rtol=1e-6)
+  chex.assert_trees_all_close((u["l"]["values"], u["d"]), (u0["l"]["values"], u0["d"]))
+  frozen = {"l": {k: v for k, v in p["l"].items() if k != "alpha"}, "d": p["d"]}  # no alpha
+  fg = jax.tree.map(jnp.ones_like, frozen)
+  uf, _ = tx.update(fg, tx.init(frozen), frozen)
+  chex.assert_trees_all_close(uf, base.update(fg, base.init(frozen), frozen)[0])
+  with pytest.raises(ValueError, match="alpha_lr"):
+    optim.wrap(base, alpha_lr=0.0)

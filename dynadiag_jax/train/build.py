@@ -94,7 +94,7 @@ def build_model(config: ml_collections.ConfigDict,
   diag = sp if methods.diag_dense(config) else {}  # mask methods: nn.Dense, masked by tx
   factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
                                       kernel_config=kernel_config(config),
-                                      gate=config.get("gate", "soft_topk"))
+                                      gate=config.get("gate", dd.gates.DEFAULT))
   return models.build(model_config(config, spec), factory), sp
 
 
@@ -158,7 +158,7 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   if sched is None:
     return tx
-  return dd.optim.wrap(tx, l1=config.l1)
+  return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)))
 
 
 def input_key(spec: DataSpec) -> tuple[str, str]:
