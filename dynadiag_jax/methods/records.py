@@ -53,7 +53,7 @@ def trace(workdir: str, step: int, state: Any) -> None:
   for k in path:
     p, c = p[k], c[k]
   rec = {"step": int(step), "layer": "/".join(path), "temperature": float(first(c["temperature"])),
-         "k": int(first(c["k"])), "gate": str(getattr(state, "gate", "soft_topk")),
+         "k": int(first(c["k"])), "gate": str(getattr(state, "gate", dd.gates.DEFAULT)),
          "alpha": first(p["alpha"]).astype(float).round(7).tolist()}
   with open(os.path.join(workdir, TRACE), "a") as f:
     f.write(json.dumps(rec) + "\n")

@@ -146,7 +146,7 @@ class Run:
     """The initial state, un-replicated."""
     x = self.spec.dummy_input()
     state = state_lib.create(self.model, self.tx, x, self.config.seed, self.options)
-    state = state.replace(gate=self.config.get("gate", "soft_topk"))
+    state = state.replace(gate=self.config.get("gate", dd.gates.DEFAULT))
     return methods.prepare(self.config, state)
 
   def like(self, meta: dict) -> state_lib.TrainState:

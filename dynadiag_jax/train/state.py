@@ -34,7 +34,7 @@ class TrainState:
   rng: Any
   level: float | None = flax.struct.field(pytree_node=False, default=None)
   frozen: bool = flax.struct.field(pytree_node=False, default=False)
-  gate: str = flax.struct.field(pytree_node=False, default="soft_topk")  # folded at the freeze
+  gate: str = flax.struct.field(pytree_node=False, default=dd.gates.DEFAULT)  # folded at the freeze
 
   @property
   def variables(self) -> dict:
