@@ -26,7 +26,6 @@ import statistics
 import sys
 import time
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 
-
 import flax.linen
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import numpy as np
 import optax
 
 import dynadiag_jax as dd
+from benchmarks.layers import time_round_robin
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.models.vit import ViT
 
@@ -112,7 +112,7 @@ def parts(variant: str, sparsity: float, block: int, batch: int, seed: int = 0) 
                        "mlp_out": (4 * d, d)}.items():
     x, bias = f32(batch, t, m), jnp.zeros((n,), jnp.float32)
     out[f"{name} {m}x{n} nn.Dense"] = (jax.jit(lambda x, w, c: x @ w + c), (x, f32(m, n), bias))
-    b = max(c for c in (1, 16, 32, 64, 128) if c <= block and m % c == 0 and n % c == 0)
+    b = pattern.largest_block(m, n, block)  # as DiagDense(fit_block=True) in the ViT
     geo = pattern.Geometry(m, n, b)
     k = pattern.num_kept(m, n, sparsity, b)
     o = np.sort(rng.choice(geo.P, k, replace=False)).astype(np.int32)
@@ -138,22 +138,16 @@ def main_parts(args) -> None:
   ps = parts(args.variant, args.sparsity, args.block, batch)
   for fn, a in ps.values():
     jax.block_until_ready(fn(*a))
-  times = {k: [] for k in ps}
-  for _ in range(repeats):
-    for name, (fn, a) in ps.items():
-      t = time.perf_counter()
-      for _ in range(3):
-        y = fn(*a)
-      jax.block_until_ready(y)
-      times[name].append((time.perf_counter() - t) / 3)
+  med = time_round_robin({k: ((lambda _, a, fn=fn: fn(*a)), None, a) for k, (fn, a) in ps.items()},
+                         repeats, calls=3)
   print(f"{jax.default_backend()}, one ViT-{args.variant}/16 encoder block, 224 px, batch {batch} "
         f"({batch * ((224 // 16) ** 2 + 1)} rows), float32, sparsity {args.sparsity:g}, block up to "
         f"{args.block}, backend auto, median of {repeats} interleaved rounds, load average "
         f"{os.getloadavg()[0]:.1f}\n")
   print("| part | ms |")
   print("|---|---|")
-  for name, t in times.items():
-    print(f"| {name} | {statistics.median(t) * 1e3:.2f} |")
+  for name, t in med.items():
+    print(f"| {name} | {t * 1e3:.2f} |")
 
 
 def _call(kind, fn, state):

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from dynadiag_jax import data, models
+from dynadiag_jax import data, gates, models
 
 # Types of fields whose default is None ('the data set's / model's default').
 TYPES = {
@@ -96,7 +96,7 @@ def base() -> ml_collections.ConfigDict:
   # DiagDense gate (dynadiag_jax.gates): 'st_topk_shadow' (default: hard top-K forward, soft
   # gradient to alpha, dense gradient to the values) | 'st_topk' | 'soft_topk' (the paper's) |
   # 'capped_topk' (sums to K exactly)
-  c.gate = "st_topk_shadow"
+  c.gate = gates.DEFAULT
   c.method = "dynadiag"  # dense | dynadiag | static_diag | diagheur | diagrigl | rigl | set | gmp | nm
   c.masks = ml_collections.ConfigDict({  # mask methods (dynadiag_jax.methods)
       "every": 100,  # steps between mask updates

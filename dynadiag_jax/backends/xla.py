@@ -74,6 +74,11 @@ def _starts(pat) -> list:
   return [pat[k] for k in range(pat.shape[0])]
 
 
+def _offsets(pat) -> np.ndarray | jax.Array:
+  """The offsets: numpy (frozen) or the traced int32 array (exploring)."""
+  return pat.o_K if isinstance(pat, Frozen) else pat
+
+
 def _offsets_np(pat) -> np.ndarray | None:
   return pat.o_K if isinstance(pat, Frozen) else None
 
@@ -230,7 +235,7 @@ _ROWS_GROUP = 4  # rows of dvalues per loop step
 
 
 def _offsets_arr(pat) -> jax.Array:
-  return jnp.asarray(pat.o_K) if isinstance(pat, Frozen) else pat
+  return jnp.asarray(_offsets(pat))
 
 
 def _at(a_K, i) -> jax.Array:
@@ -254,7 +259,7 @@ def _gather_b1(a_BxL, v_KxS, pat, s: int) -> jax.Array:
   starts = _starts(pat)
 
   def term(i, o):
-    return _win(aa, o, s, axis=1) * jax.lax.dynamic_index_in_dim(v_KxS, i, keepdims=False)
+    return _win(aa, o, s, axis=1) * _at(v_KxS, i)
 
   g = max(16, _GATHER_GROUP // rows)  # measured: 64 at 1 row, 16 at 8 rows
 
@@ -277,8 +282,7 @@ def _scatter_b1(a_BxS, v_KxS, pat, l: int) -> jax.Array:
   starts = _starts(pat)
 
   def add(acc, i, o):  # acc[:, o : o + S] += a * v[i]
-    vi = (v_KxS[i] if isinstance(i, int) else
-          jax.lax.dynamic_index_in_dim(v_KxS, i, keepdims=False))
+    vi = v_KxS[i] if isinstance(i, int) else _at(v_KxS, i)
     upd = jax.lax.dynamic_slice_in_dim(acc, o, s, axis=1) + a * vi
     return jax.lax.dynamic_update_slice_in_dim(acc, upd, o, axis=1)
 
@@ -359,12 +363,12 @@ def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int, k: int):
 
 
 def _dense_w(v, pat, geo: Geometry):
-  o = pat.o_K if isinstance(pat, Frozen) else pat
+  o = _offsets(pat)
   return pattern.densify(v, o, geo.m, geo.n, geo.block)
 
 
 def _num(pat) -> int:
-  return len(pat.o_K) if isinstance(pat, Frozen) else pat.shape[0]
+  return _offsets(pat).shape[0]
 
 
 def _few(rows: int) -> bool:
@@ -403,7 +407,7 @@ def dv(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
   if _few(x_BxM.shape[0]):
     return _dv_b1(x_BxM, dy_BxN, pat, geo.m, geo.n, _num(pat))
   dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, precision=cfg.precision, preferred_element_type=_F32)
-  o = pat.o_K if isinstance(pat, Frozen) else pat
+  o = _offsets(pat)
   return pattern.gather_diagonals(dw_MxN, o, geo.m, geo.n, geo.block)
 
 

@@ -250,4 +250,3 @@ def load(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray]
     return ck.restore_flat(step, want, meta)
   finally:
     ck.close()
-

@@ -10,12 +10,10 @@ Exit statuses of `train.py` (schedulers can tell them apart):
 
 from __future__ import annotations
 
-import sys
-
 import contextlib
-
 import math
 import os
+import sys
 import tempfile
 from typing import Any, Mapping
 

@@ -244,8 +244,9 @@ def _compile_options(config: ml_collections.ConfigDict) -> dict | None:
   if not config.get("fast_compile"):
     return None
   if jax.process_count() > 1:
-    logging.getLogger(__name__).warning("fast_compile=True is ignored in a multi-process run: jax's ahead-of-time "
-                    "pmap compiles for the global devices; XLA's default passes are used.")
+    logging.getLogger(__name__).warning(
+        "fast_compile=True is ignored in a multi-process run: jax's ahead-of-time pmap "
+        "compiles for the global devices; XLA's default passes are used.")
     return None
   return FAST_COMPILE
 
