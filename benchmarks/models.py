@@ -99,9 +99,10 @@ def parts(variant: str, sparsity: float, block: int, batch: int, seed: int = 0) 
 
   Each linear as nn.Dense and as the frozen layer `diag_matmul(x, values, offsets) + bias`
   with backend `auto` (K, b as the sparse ViT has them), and the dense rest of the block:
-  the attention core (softmax(q k^T) v as `SelfAttention` computes it), a LayerNorm, GELU.
+  the attention core (`models.attention.core`), a LayerNorm, GELU.
   """
   from dynadiag_jax import ops, pattern  # pylint: disable=import-outside-toplevel
+  from dynadiag_jax.models import attention  # pylint: disable=import-outside-toplevel
   from dynadiag_jax.models.vit import VARIANTS  # pylint: disable=import-outside-toplevel
   d, _, h = VARIANTS[variant]
   t, dh = (224 // 16) ** 2 + 1, d // h
@@ -119,11 +120,7 @@ def parts(variant: str, sparsity: float, block: int, batch: int, seed: int = 0) 
     fn = (lambda o, m, n: jax.jit(lambda x, v, c: ops.diag_matmul(x, v, o, m, n) + c))(o, m, n)
     out[f"{name} {m}x{n} sparse (b {b}, K {k} / {geo.P})"] = (fn, (x, f32(*geo.values_shape(k)), bias))
 
-  def attn(q, k, v):  # as models.attention.SelfAttention, without its linears
-    s = jnp.einsum("bqhk,bshk->bhqs", q / jnp.sqrt(dh), k)
-    return jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, axis=-1), v).reshape(batch, t, d)
-
-  out["attention core (dense)"] = (jax.jit(attn), tuple(f32(batch, t, h, dh) for _ in range(3)))
+  out["attention core (dense)"] = (jax.jit(attention.core), (f32(batch, t, 3, h, dh),))
   ln = flax.linen.LayerNorm()
   x = f32(batch, t, d)
   out["layernorm (dense)"] = (jax.jit(ln.apply), (ln.init(jax.random.PRNGKey(0), x), x))

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from dynadiag_jax.layers import LayerFactory
-from dynadiag_jax.models import GPT2, build, linear_roles, sparse_roles
+from dynadiag_jax.models import GPT2, attention, build, linear_roles, sparse_roles
 
 # Tiny models: compile time dominates, so compile without the slow XLA CPU passes.
 FAST = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
@@ -200,3 +200,25 @@ TOK = jax.ShapeDtypeStruct((1, 1024), jnp.int32)
 def test_param_counts(cfg, x, want):
   """The published sizes (ViT-B/16 86.6M, Mixer-S/16 18.5M, B/16 59.9M, GPT-2 small 124.4M)."""
   assert _num_params(cfg, x) == want
+
+
+def _attention_np(qkv: np.ndarray, causal: bool) -> np.ndarray:
+  """softmax(q k^T / sqrt(dh)) v per batch and head, float64, loops over heads."""
+  b, t, _, h, dh = qkv.shape
+  out = np.zeros((b, t, h, dh))
+  for i in range(b):
+    for j in range(h):
+      q, k, v = (qkv[i, :, p, j].astype(np.float64) for p in range(3))
+      s = q @ k.T / np.sqrt(dh)
+      if causal:
+        s = np.where(np.tri(t, dtype=bool), s, -np.inf)
+      w = np.exp(s - s.max(-1, keepdims=True))
+      out[i, :, j] = (w / w.sum(-1, keepdims=True)) @ v
+  return out.reshape(b, t, h * dh)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_core_matches_float64(causal):
+  qkv = np.random.default_rng(7).normal(size=(2, 9, 3, 3, 4)).astype(np.float32)
+  got = jax.jit(attention.core, static_argnums=1)(qkv, causal)
+  np.testing.assert_allclose(np.asarray(got), _attention_np(qkv, causal), rtol=1e-5, atol=1e-5)
