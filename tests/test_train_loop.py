@@ -121,6 +121,21 @@ def test_resume_refuses_a_checkpoint_of_another_config(finished, tmp_path):
   assert s["resumed_from"] == 20 and s["steps"] == 25
 
 
+def test_config_diff_reads_fields_added_later_as_their_implied_value():
+  """A checkpoint saved before a field existed resumes when the run keeps that field's old
+  behaviour, and is refused when it does not."""
+  now = digits_mlp.get_config()
+  old = json.loads(checkpoint.config_json(now))
+  for k in checkpoint.IMPLIED:
+    old.pop(k)
+  now.gate = "soft_topk"  # the behaviour before the field existed
+  assert checkpoint.config_diff(json.dumps(old), now) == []
+  now.alpha_lr = 10.0
+  now.gate = "st_topk"
+  assert checkpoint.config_diff(json.dumps(old), now) == [
+      'alpha_lr: 1.0 -> 10.0', 'gate: "soft_topk" -> "st_topk"']
+
+
 def test_mismatched_checkpoint_message_reads_as_one_sentence(finished):
   ck = checkpoint.Checkpointer(str(finished[0] / "checkpoints"), every=5)
   try:

@@ -41,6 +41,10 @@ MAY_CHANGE = (
     "data.data_dir", "data.vocab_dir", "data.text_dir", "data.*workers*", "data.*prefetch*",
 )
 
+# Fields added after the first release, with the value a checkpoint saved before the field
+# existed ran with: a saved config that lacks one reads as having this value.
+IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag"}
+
 
 class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored (corrupt, incomplete or from another config)."""
@@ -96,9 +100,13 @@ def config_json(config: Any) -> str:
 
 
 def config_diff(saved: Any, current: Any, may_change: tuple[str, ...] = MAY_CHANGE) -> list[str]:
-  """'path: saved -> current' for each field that defines the run and differs."""
+  """'path: saved -> current' for each field that defines the run and differs.
+
+  A field the saved config lacks counts as its `IMPLIED` value (older checkpoints).
+  """
   load = lambda c: _leaves(json.loads(c if isinstance(c, str) else config_json(c)))
   a, b = load(saved), load(current)
+  a = {**{k: v for k, v in IMPLIED.items() if k in b}, **a}
   out = []
   for k in sorted(set(a) | set(b)):
     if any(fnmatch.fnmatchcase(k, p) for p in may_change) or a.get(k, ()) == b.get(k, ()):
