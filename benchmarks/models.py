@@ -81,10 +81,11 @@ def build(variant: str, depth: int | None, sparsity: float, block: int, image: i
   # exploring near its end: K_active = K, alpha learned (random here), offsets traced
   p_e = jax.tree_util.tree_map_with_path(
       lambda path, a: jax.random.normal(key, a.shape) if path[-1].key == "alpha" else a, p_e)
-  ve = dd.set_k_active({"params": p_e, **r_e}, 0.0)
+  ve = {"params": p_e, **r_e}
   vf, _ = dd.freeze(ve)
   out = {}
-  for name, model, v, closed in (("dense", dense, vd, False), ("exploring", sparse, ve, False),
+  exploring = dd.with_phase(sparse, level=0.0)
+  for name, model, v, closed in (("dense", dense, vd, False), ("exploring", exploring, ve, False),
                                  ("frozen", sparse, vf, True)):
     p, rest = _split(v)
     if name != "exploring":

@@ -3,7 +3,7 @@
 from dynadiag_jax import allocation, gates, ops, optim, pattern, schedules
 from dynadiag_jax.diag_dense import DiagDense
 from dynadiag_jax.layers import LayerFactory
-from dynadiag_jax.phases import advance, exploring_layers, freeze, set_k_active, set_temperature
+from dynadiag_jax.phases import advance, exploring_layers, freeze, with_phase
 from dynadiag_jax.probe import linear_calls
 from dynadiag_jax.schedules import Schedule
 from dynadiag_jax.summary import summarize, totals
@@ -11,8 +11,8 @@ from dynadiag_jax.summary import summarize, totals
 __all__ = [
     "DiagDense", "LayerFactory", "Schedule", "advance", "allocation", "analysis",
     "exploring_layers", "freeze",
-    "gates", "linear_calls", "ops", "optim", "pattern", "schedules", "set_k_active",
-    "set_temperature", "summarize", "totals",
+    "gates", "linear_calls", "ops", "optim", "pattern", "schedules", "summarize", "totals",
+    "with_phase",
 ]
 
 

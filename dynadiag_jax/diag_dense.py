@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynadiag_jax import gates, ops, pattern
+from dynadiag_jax import gates, ops, pattern, schedules
 from dynadiag_jax.ops import KernelConfig
 from dynadiag_jax.pattern import Geometry
 
@@ -67,17 +67,20 @@ class DiagDense(nn.Module):
   """y = x @ W + b with W a sum of K selected wrapped (block-)diagonals (docs/DESIGN.md 2, 3, 8).
 
   Exploring: params `alpha` (P,), `values` (P, D) or (P, D, b, b), `bias` (n,); collection
-  `dynadiag` holds `temperature` (), `k` (), `in_features` () and `active` (K_active,): the layer computes
-  the top-K_active diagonals of alpha, K_active being the static length of `active` (with
-  all P active, W is dense and the layer runs one GEMM whatever the backend).
+  `dynadiag` holds `k` () and `in_features` (). The phase is configuration, not state:
+  the layer computes the top-K_active diagonals of alpha, K_active = K + round(`level` *
+  (K_start - K)) with K_start = `k_start_fraction` * P (static: a new level is a new
+  trace), gated at `temperature` (may be traced). With all P active, W is dense and the
+  layer runs one GEMM whatever the backend. `dynadiag_jax.with_phase` sets them on a model.
   Frozen (after `dynadiag_jax.freeze`): params `values` (K, D[, b, b]), `bias`; `dynadiag`
   holds `offsets` (K,) and `in_features` ().
   `block` b selects b x b block-diagonals (b must divide both sides; 1 is the paper's
-  method; with `fit_block` the layer takes the largest valid b up to `block`); `kernel_init` describes the effective kernel (None: truncated normal of
-  `nn.Dense`'s variance); `gate` names a gate of `dynadiag_jax.gates`
-  ('soft_topk', the paper's; 'capped_topk'; 'st_topk', hard forward, soft gradient: its
-  values start at 1 / (P/K) of the soft gates' scale and alpha with random ties broken;
-  'st_topk_shadow', the same with the dense gradient on the values of every active diagonal).
+  method; with `fit_block` the layer takes the largest valid b up to `block`); `kernel_init`
+  describes the effective kernel (None: truncated normal of `nn.Dense`'s variance); `gate`
+  names a gate of `dynadiag_jax.gates` ('soft_topk', the paper's; 'capped_topk'; 'st_topk',
+  hard forward, soft gradient: its values start at 1 / (P/K) of the soft gates' scale and
+  alpha with random ties broken; 'st_topk_shadow', the same with the dense gradient on the
+  values of every active diagonal).
   """
   features: int
   sparsity: float = 0.9
@@ -93,6 +96,9 @@ class DiagDense(nn.Module):
   backend: str = "auto"
   kernel_config: KernelConfig = KernelConfig()
   gate: str = gates.DEFAULT
+  level: float = 1.0
+  k_start_fraction: float = 1.0
+  temperature: Any = DEFAULT_TEMPERATURE
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,14 +128,12 @@ class DiagDense(nn.Module):
       alpha_P = self.param("alpha", alpha_init, (p,), self.param_dtype)
       values = self.param("values", self._values_init(geo, k), geo.values_shape(p),
                           self.param_dtype)
-      t = self.variable(COLLECTION, "temperature", lambda: jnp.asarray(DEFAULT_TEMPERATURE, jnp.float32))
       self.variable(COLLECTION, "k", lambda: jnp.asarray(k, jnp.int32))
       self.variable(COLLECTION, "in_features", lambda: jnp.asarray(m, jnp.int32))
-      active = self.variable(COLLECTION, "active", lambda: jnp.arange(p, dtype=jnp.int32))
-      k_active = active.value.shape[0]
-      if not k <= k_active <= p:
-        raise ValueError(f"{k_active} active diagonals; must lie in [K, P] = [{k}, {p}]")
-      g_P = gate(alpha_P, k, t.value)
+      k_active = schedules.k_active(p, k, self.level, self.k_start_fraction)
+      if pattern.is_concrete(self.temperature) and not float(np.min(self.temperature)) > 0:
+        raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+      g_P = gate(alpha_P, k, self.temperature)
       g_P = g_P.reshape((p,) + (1,) * (values.ndim - 1))
       gated = lambda g, v: g * v
       if self.gate in gates.SHADOW:  # forward g * v; d/dv = dL/dW on every active diagonal
@@ -140,8 +144,6 @@ class DiagDense(nn.Module):
         y = jnp.matmul(x, pattern.densify_all(v_all, m, n, geo.block), precision=self.precision)
         return y if bias is None else y + bias
       o_K = gates.topk_indices(jax.lax.stop_gradient(alpha_P), k_active)
-      if self.is_mutable_collection(COLLECTION) and not self.is_initializing():
-        active.value = o_K
       v = gated(g_P[o_K], values[o_K])
 
     bias = self._bias(n)

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dynadiag_jax import gates
-from dynadiag_jax.diag_dense import DiagDense
+from dynadiag_jax.diag_dense import DEFAULT_TEMPERATURE, DiagDense
 from dynadiag_jax.ops import KernelConfig
 
 
@@ -20,7 +20,9 @@ class LayerFactory:
   `sparsity` maps module names to a sparsity; names absent from it are `nn.Dense`.
   Models name linear layers by role ('mlp_in', 'attn_out', 'head', ...) so that one
   name covers the same-shaped layer of every block. `block` is an upper bound: each
-  DiagDense takes the largest block size up to it that divides its kernel.
+  DiagDense takes the largest block size up to it that divides its kernel. `level`,
+  `k_start_fraction` and `temperature` are the exploration phase every DiagDense runs in
+  (`DiagDense`; set them with `dynadiag_jax.with_phase`).
   """
   sparsity: tuple[tuple[str, float], ...] = ()
   backend: str = "auto"
@@ -29,6 +31,9 @@ class LayerFactory:
   block: int = 1
   kernel_config: KernelConfig = KernelConfig()
   gate: str = gates.DEFAULT
+  level: float = 1.0
+  k_start_fraction: float = 1.0
+  temperature: Any = DEFAULT_TEMPERATURE
 
   @classmethod
   def from_dict(cls, sparsity: Mapping[str, float], **kw) -> "LayerFactory":
@@ -48,7 +53,8 @@ class LayerFactory:
     return DiagDense(features, sparsity=s, block=self.block, fit_block=True, use_bias=use_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
                      backend=self.backend, kernel_config=self.kernel_config, gate=self.gate,
-                     name=name)
+                     level=self.level, k_start_fraction=self.k_start_fraction,
+                     temperature=self.temperature, name=name)
 
 
 def factory_for(linear: LayerFactory, dtype: Any) -> LayerFactory:

@@ -1,17 +1,21 @@
-"""Phase changes on a model's variables: temperature, active diagonals and the freeze."""
+"""The exploration phase of a model (`with_phase`) and the freeze of its variables."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from dynadiag_jax import gates, schedules
-from dynadiag_jax.diag_dense import COLLECTION
+from dynadiag_jax.diag_dense import COLLECTION, DEFAULT_TEMPERATURE, DiagDense
+from dynadiag_jax.layers import LayerFactory
+
+T_END = schedules.Schedule.t_end  # the temperature the default schedule freezes at
 
 Path = tuple[str, ...]
 
@@ -26,7 +30,7 @@ def exploring_layers(variables: Mapping[str, Any]) -> list[Path]:
 
   def walk(node, path):
     if isinstance(node, Mapping):
-      if "temperature" in node and "active" in node:
+      if "k" in node and "offsets" not in node:
         found.append(path)
         return
       for key, child in node.items():
@@ -51,66 +55,54 @@ def _replace_at(tree, path: Path, fn):
   return out
 
 
-def set_temperature(variables: Mapping[str, Any], temperature) -> dict:
-  """Variables with every exploring layer's `dynadiag/temperature` set to `temperature`."""
-  out = _to_dict(variables)
-  for path in exploring_layers(out):
-    out = _replace_at(out, (COLLECTION,) + path, lambda d: {
-        **d, "temperature": jnp.full_like(d["temperature"], temperature, jnp.float32)})
-  return out
+def with_phase(module: nn.Module, level: float = 1.0,
+               temperature: Any = DEFAULT_TEMPERATURE, k_start_fraction: float = 1.0) -> nn.Module:
+  """`module` whose exploring DiagDense layers compute the diagonals of `level` at `temperature`.
 
-
-def set_k_active(variables: Mapping[str, Any], level: float,
-                 k_start_fraction: float = 1.0) -> dict:
-  """Variables whose layers compute K + round(level * (K_start - K)) diagonals.
-
-  `level` comes from `Schedule.level(step)`; the length of `dynadiag/active` is static,
-  so each new level recompiles a jitted step once. Runs on the host, and reads alpha
-  only from layers whose level changes.
+  `module` is a DiagDense or a model whose `linear` attribute is a `LayerFactory` (every
+  model of `dynadiag_jax.models`). `level` (from `Schedule.level(step)`) is static: a jitted
+  step takes it as a static argument and compiles once per level; `temperature` (from
+  `Schedule.temperature(step)`) may be traced. Frozen layers ignore both.
   """
-  out = _to_dict(variables)
-  for path in exploring_layers(out):
-    col = _get(out[COLLECTION], path)
-    lead = np.shape(col["k"])  # leading axes of replicated (pmap) variables
-    k = int(np.asarray(col["k"]).reshape(-1)[0])
-    alpha = _get(out["params"], path)["alpha"]
-    ka = schedules.k_active(alpha.shape[-1], k, level, k_start_fraction)
-    if col["active"].shape[-1] == ka:
-      continue
-    a = jnp.asarray(alpha).reshape(-1, alpha.shape[-1])[0]
-    act = np.asarray(gates.topk_indices(a, ka))
-    act = jnp.asarray(np.broadcast_to(act, lead + (ka,)))
-    out = _replace_at(out, (COLLECTION,) + path, lambda d: {**d, "active": act})
-  return out
+  phase = dict(level=float(level), temperature=temperature,
+               k_start_fraction=float(k_start_fraction))
+  for name in ("level", "k_start_fraction"):
+    if not 0.0 <= phase[name] <= 1.0:
+      raise ValueError(f"{name} must lie in [0, 1], got {phase[name]}")
+  if isinstance(module, DiagDense):
+    return module.clone(**phase)
+  linear = getattr(module, "linear", None)
+  if isinstance(linear, LayerFactory):
+    return module.clone(linear=linear.replace(**phase))
+  raise TypeError(f"with_phase takes a DiagDense or a model with a LayerFactory `linear` "
+                  f"attribute, got {type(module).__name__}; build DiagDense(..., level=, "
+                  "temperature=) in your module instead")
 
 
 def advance(variables: Mapping[str, Any], opt_state: Any, sched: schedules.Schedule,
             step: int, gate: str = gates.DEFAULT) -> tuple[dict, Any]:
-  """(variables, opt_state) in the phase `sched` gives `step`: the one way to drive phases.
+  """(variables, opt_state) in the phase `sched` gives `step`: the freeze, once, at freeze_step.
 
   Call it before every step s (and once with s = total_steps after the last, which
-  freezes a run whose freeze_step is its length). From freeze_step on it freezes (once;
-  frozen variables pass through); before, it sets the K_active level (host side, only
-  when the level changes) and the temperature of `step`. Un-replicated variables.
+  freezes a run whose freeze_step is its length). Before freeze_step, and once frozen,
+  it returns its inputs: the level and temperature of a step are configuration
+  (`with_phase(model, sched.level(s), sched.temperature(s))`), not variables.
+  Un-replicated variables.
   """
-  if not exploring_layers(variables):
+  if not exploring_layers(variables) or not sched.is_frozen(step):
     return _to_dict(variables), opt_state
-  level, frozen = sched.phase(step)
-  if frozen:
-    return freeze(variables, opt_state, gate)
-  variables = set_k_active(variables, level, sched.k_start_fraction)
-  return set_temperature(variables, sched.temperature(step)), opt_state
+  return freeze(variables, opt_state, gate, float(sched.temperature(step)))
 
 
-def _layer_choice(params: Mapping, col: Mapping,
-                  gate: str) -> tuple[np.ndarray, jax.Array]:
+def _layer_choice(params: Mapping, col: Mapping, gate: str,
+                  temperature: float) -> tuple[np.ndarray, jax.Array]:
   """(kept offsets_K, gates g_P) of one exploring layer."""
   alpha = jnp.asarray(params["alpha"])
   if alpha.ndim != 1:
     raise ValueError("freeze takes un-replicated variables (alpha of shape (P,)), got "
                      f"alpha of shape {alpha.shape}; unreplicate pmapped state first")
   k = int(col["k"])
-  g = gates.by_name(gate)(alpha.astype(jnp.float32), k, col["temperature"])
+  g = gates.by_name(gate)(alpha.astype(jnp.float32), k, temperature)
   return np.asarray(gates.topk_indices(alpha, k)), g
 
 
@@ -142,8 +134,8 @@ def _leaf_paths(tree: Any) -> set[str]:
   return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def freeze(variables: Mapping[str, Any], opt_state: Any = None,
-           gate: str = gates.DEFAULT) -> tuple[dict, Any]:
+def freeze(variables: Mapping[str, Any], opt_state: Any = None, gate: str = gates.DEFAULT,
+           temperature: float = T_END) -> tuple[dict, Any]:
   """(variables, opt_state) after the freeze transition (docs/DESIGN.md section 3).
 
   Always a pair: the second item is the gathered `opt_state`, or None when none is given.
@@ -151,7 +143,8 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
   Every exploring DiagDense keeps the top-K diagonals of alpha, folds their gates into
   `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`
   and `in_features`.
-  `gate` names the layers' gate (DiagDense.gate), whose values are folded.
+  `gate` names the layers' gate (DiagDense.gate), whose values are folded at `temperature`
+  (the schedule's at the freeze, its t_end; hard gates do not depend on it).
   Every subtree of `opt_state` shaped exactly like the params (Adam / SGD moments, also
   inside optax.masked, chain or inject_hyperparams) is remapped by exact param path the
   same way; any other state that holds `alpha` raises. Takes un-replicated variables; runs on the host, outside jit.
@@ -160,7 +153,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
   choice: dict[Path, np.ndarray] = {}
   for path in exploring_layers(out):
     layer = _get(out["params"], path)
-    idx, g_P = _layer_choice(layer, _get(out[COLLECTION], path), gate)
+    idx, g_P = _layer_choice(layer, _get(out[COLLECTION], path), gate, temperature)
     choice[path] = idx
     v = layer["values"]
     g_K = g_P[idx].reshape((len(idx),) + (1,) * (v.ndim - 1))

@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from dynadiag_jax import pattern
+from dynadiag_jax import pattern, schedules
 from dynadiag_jax.diag_dense import COLLECTION, DiagDense
 
 
@@ -61,8 +61,8 @@ def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
           k = ka = int(mod.get_variable(COLLECTION, "offsets").shape[-1])
         else:
           k = pattern.num_kept(m, n, mod.sparsity, b)
-          ka = (int(mod.get_variable(COLLECTION, "active").shape[-1])
-                if mod.has_variable(COLLECTION, "active") else pattern.num_diagonals(m, n, b))
+          ka = schedules.k_active(pattern.num_diagonals(m, n, b), k, mod.level,
+                                  mod.k_start_fraction)
         call = LinearCall(mod.path, mod.name, True, m, n, rows, mod.use_bias, k, ka, frozen, b,
                           float(mod.sparsity))
       else:

@@ -11,6 +11,7 @@ per-layer sparsities come from one global 90% budget (ERK allocation by default)
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import flax.linen as nn
@@ -53,10 +54,14 @@ def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 5e-3
     tx = dd.optim.wrap(tx, l1=0.0)  # l1 > 0 adds an l1 penalty on alpha
   opt_state = tx.init(variables["params"])
 
-  @jax.jit
-  def step(variables, opt_state, x, y):
+  @functools.partial(jax.jit, static_argnums=0)  # one compile per K_active level
+  def step(level, variables, opt_state, x, y, i):
+    net = model  # exploring: K_active `level` (static) at the temperature of step i
+    if sched is not None:
+      net = dd.with_phase(model, level, sched.temperature(i), sched.k_start_fraction)
+
     def loss_fn(params):
-      logits = model.apply({**variables, "params": params}, x)
+      logits = net.apply({**variables, "params": params}, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(variables["params"])
@@ -66,12 +71,13 @@ def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 5e-3
   rng = np.random.default_rng(seed)
   order = np.concatenate([rng.permutation(len(x_tr)) for _ in range(steps * batch // len(x_tr) + 1)])
   for i in range(steps + 1):
-    if sched is not None:  # K_active level, temperature; the freeze at sched.freeze_step
+    if sched is not None:  # the freeze at sched.freeze_step (keep top-K, fold, gather opt_state)
       variables, opt_state = dd.advance(variables, opt_state, sched, i)
     if i == steps:  # the advance after the last step freezes a run that explored to the end
       break
     idx = order[i * batch:(i + 1) * batch]
-    variables, opt_state, loss = step(variables, opt_state, x_tr[idx], y_tr[idx])
+    level = sched.level(i) if sched is not None else 1.0
+    variables, opt_state, loss = step(level, variables, opt_state, x_tr[idx], y_tr[idx], i)
   logits = jax.jit(model.apply)(variables, x_te)
   return float((logits.argmax(-1) == y_te).mean()), variables
 

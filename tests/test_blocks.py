@@ -11,10 +11,9 @@ import dynadiag_jax as dd
 from dynadiag_jax import gates, ops, pattern
 
 
-def _w_eff(params, col, m, n, b, k):
+def _w_eff(params, m, n, b, k, ka, temperature):
   """W_eff built independently: gates times values on the top-K_active block-diagonals."""
-  g = np.asarray(gates.soft_topk(params["alpha"], k, col["temperature"]), np.float64)
-  ka = col["active"].shape[0]
+  g = np.asarray(gates.soft_topk(params["alpha"], k, temperature), np.float64)
   o = np.sort(np.argsort(-np.asarray(params["alpha"]), kind="stable")[:ka])
   v = np.asarray(params["values"], np.float64)
   mb, nb = m // b, n // b
@@ -36,16 +35,17 @@ def test_block_layer_equals_reference(m, n, b, s, level, rng):
   geo = pattern.Geometry(m, n, b)
   chex.assert_shape(v["params"]["values"], (geo.P, geo.D, b, b))
   params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
-  v = dd.set_k_active(dd.set_temperature({**v, "params": params}, 0.4), level)
+  v = {**v, "params": params}
   k = pattern.num_kept(m, n, s, b)
-  w = _w_eff(v["params"], v["dynadiag"], m, n, b, k)
+  w = _w_eff(v["params"], m, n, b, k, dd.schedules.k_active(geo.P, k, level), 0.4)
   want = np.asarray(x, np.float64) @ w + np.asarray(v["params"]["bias"])
-  chex.assert_trees_all_close(layer.apply(v, x), want, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(dd.with_phase(layer, level, 0.4).apply(v, x), want, rtol=1e-5,
+                              atol=1e-5)
 
   # the frozen layer computes the same function with (K, D, b, b) values
-  frozen, _ = dd.freeze(dd.set_k_active(v, 0.0), gate="soft_topk")
+  frozen, _ = dd.freeze(v, gate="soft_topk", temperature=0.4)
   chex.assert_shape(frozen["params"]["values"], (k, geo.D, b, b))
-  y0 = layer.apply(dd.set_k_active(v, 0.0), x)
+  y0 = dd.with_phase(layer, 0.0, 0.4).apply(v, x)
   chex.assert_trees_all_close(layer.apply(frozen, x), y0, rtol=1e-5, atol=1e-5)
 
 
@@ -95,7 +95,7 @@ def test_factory_fits_each_layer_the_largest_block(rng):
 def test_frozen_layer_refuses_another_input_width():
   layer = dd.DiagDense(8, sparsity=0.5, name="fc")
   v = layer.init(jax.random.PRNGKey(0), jnp.ones((2, 16)))
-  frozen, _ = dd.freeze(dd.set_k_active(v, 0.0))
+  frozen, _ = dd.freeze(v)
   assert layer.apply(frozen, jnp.ones((2, 16))).shape == (2, 8)
   for width in (20, 100, 12):
     with pytest.raises(ValueError, match=f"frozen for 16 input features, got x with {width}"):
@@ -126,8 +126,9 @@ def test_kernel_init_describes_the_effective_kernel():
 def test_precision_reaches_the_products():
   x = jnp.ones((2, 16))
   for frozen in (False, True):
-    layer = dd.DiagDense(8, sparsity=0.5, precision=jax.lax.Precision.HIGHEST, backend="dense")
-    v = dd.set_k_active(layer.init(jax.random.PRNGKey(0), x), 0.0)
+    layer = dd.DiagDense(8, sparsity=0.5, precision=jax.lax.Precision.HIGHEST, backend="dense",
+                         level=0.0)
+    v = layer.init(jax.random.PRNGKey(0), x)
     if frozen:
       v, _ = dd.freeze(v)
     txt = str(jax.make_jaxpr(lambda v: layer.apply(v, x))(v))

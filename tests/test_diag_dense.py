@@ -11,19 +11,21 @@ import dynadiag_jax as dd
 from dynadiag_jax import gates, pattern
 
 
-def _w_eff(params, col, m, n, k):
+def _top(alpha, ka):
+  """The top-K_active offsets of alpha, sorted."""
+  return np.sort(np.argsort(-np.asarray(alpha), kind="stable")[:ka])
+
+
+def _w_eff(params, m, n, k, ka, temperature):
   """W_eff from densify: gates on the top-K_active diagonals of alpha."""
-  g = gates.soft_topk(params["alpha"], k, col["temperature"])
-  ka = col["active"].shape[0]
-  o = np.sort(np.argsort(-np.asarray(params["alpha"]), kind="stable")[:ka])
+  g = gates.soft_topk(params["alpha"], k, temperature)
+  o = _top(params["alpha"], ka)
   return pattern.densify(np.asarray(g)[o, None] * np.asarray(params["values"])[o], o, m, n)
 
 
-def _randomize(v, rng, level=0.5, temperature=0.3):
+def _randomize(v, rng):
   params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
-  v = {**v, "params": params}
-  v = dd.set_temperature(v, temperature)
-  return dd.set_k_active(v, level)
+  return {**v, "params": params}
 
 
 @pytest.mark.parametrize("level", [0.0, 0.5, 1.0])  # K_active = K, between, P
@@ -31,9 +33,11 @@ def _randomize(v, rng, level=0.5, temperature=0.3):
 def test_equals_dense_reference_and_grads(m, n, s, level, rng):
   layer = dd.DiagDense(n, sparsity=s, backend="dense", gate=gates.PAPER)  # soft_topk
   x = jnp.asarray(rng.normal(size=(2, 3, m)), jnp.float32)
-  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng, level=level)
+  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng)
+  layer = dd.with_phase(layer, level, temperature=0.3)
   k = pattern.num_kept(m, n, s)
-  w = _w_eff(v["params"], v["dynadiag"], m, n, k)
+  ka = dd.schedules.k_active(max(m, n), k, level)
+  w = _w_eff(v["params"], m, n, k, ka, 0.3)
   y = layer.apply(v, x)
   chex.assert_shape(y, (2, 3, n))
   chex.assert_trees_all_close(y, x @ w + v["params"]["bias"], rtol=1e-5, atol=1e-5)
@@ -41,11 +45,10 @@ def test_equals_dense_reference_and_grads(m, n, s, level, rng):
   c = jnp.asarray(rng.normal(size=(2, 3, n)), jnp.float32)
   loss = lambda p, x: (layer.apply({**v, "params": p}, x) * c).sum()
 
-  col = v["dynadiag"]
-  o = np.sort(np.argsort(-np.asarray(v["params"]["alpha"]), kind="stable")[:col["active"].shape[0]])
+  o = _top(v["params"]["alpha"], ka)
 
   def ref_loss(p, x):
-    g = gates.soft_topk(p["alpha"], k, col["temperature"])
+    g = gates.soft_topk(p["alpha"], k, 0.3)
     w = jnp.zeros((m, n)).at[tuple(jnp.asarray(a)[o] for a in pattern.diagonal_coords(m, n))].set(
         g[o, None] * p["values"][o])
     return ((x @ w + p["bias"]) * c).sum()
@@ -60,7 +63,7 @@ def test_params_and_collection_layout():
   chex.assert_shape([v["params"]["alpha"], v["params"]["values"], v["params"]["bias"]],
                     [(25,), (25, 10), (10,)])
   np.testing.assert_allclose(v["params"]["alpha"], 1 / 25)
-  assert set(v["dynadiag"]) == {"temperature", "k", "in_features", "active"}
+  assert set(v["dynadiag"]) == {"k", "in_features"}  # the phase is configuration, not state
   assert int(v["dynadiag"]["k"]) == pattern.num_kept(25, 10, 0.6)
 
 
@@ -68,7 +71,8 @@ def test_params_and_collection_layout():
 def test_init_matches_dense_effective_variance(m, n, s):
   x = jnp.ones((1, m))
   v = dd.DiagDense(n, sparsity=s, gate="soft_topk").init(jax.random.PRNGKey(1), x)
-  w = _w_eff(v["params"], v["dynadiag"], m, n, pattern.num_kept(m, n, s))
+  w = _w_eff(v["params"], m, n, pattern.num_kept(m, n, s), max(m, n),
+             dd.diag_dense.DEFAULT_TEMPERATURE)
   wd = nn.Dense(n).init(jax.random.PRNGKey(1), x)["params"]["kernel"]
   np.testing.assert_allclose(np.var(w), np.var(wd), rtol=0.1)
   np.testing.assert_allclose(np.var(w), 1 / m, rtol=0.1)
@@ -90,13 +94,38 @@ def test_jit_vmap_pmap_and_bf16(rng):
   assert yb.dtype == jnp.bfloat16
 
 
-def test_active_is_written_when_mutable(rng):
+def test_apply_writes_no_state_and_the_level_is_static(rng):
+  """Applying never changes the collection; each level is its own trace."""
   layer = dd.DiagDense(5, sparsity=0.5)
   x = jnp.ones((1, 8))
-  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng, level=0.0)
-  _, upd = layer.apply(v, x, mutable=["dynadiag"])
-  want = np.sort(np.argsort(-np.asarray(v["params"]["alpha"]))[:4])
-  np.testing.assert_array_equal(upd["dynadiag"]["active"], want)
+  v = _randomize(layer.init(jax.random.PRNGKey(0), x), rng)
+  for level in (0.0, 1.0):
+    _, upd = dd.with_phase(layer, level).apply(v, x, mutable=["dynadiag"])
+    chex.assert_trees_all_equal(upd["dynadiag"], v["dynadiag"])
+  traces = []
+
+  @jax.jit
+  def f(v, t):
+    traces.append(1)
+    return dd.with_phase(layer, 0.0, t).apply(v, x)
+
+  f(v, 0.3)
+  f(v, 0.2)  # a new temperature is a traced value: no new trace
+  assert len(traces) == 1
+
+
+def test_with_phase_checks_its_inputs():
+  layer = dd.DiagDense(4, sparsity=0.5)
+  x = jnp.ones((1, 8))
+  v = layer.init(jax.random.PRNGKey(0), x)
+  for kw, msg in [({"level": 1.5}, "level must lie in"), ({"level": 0.0, "k_start_fraction": -1},
+                                                          "k_start_fraction must lie in")]:
+    with pytest.raises(ValueError, match=msg):
+      dd.with_phase(layer, **kw)
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    dd.with_phase(layer, 0.5, temperature=0.0).apply(v, x)
+  with pytest.raises(TypeError, match="LayerFactory"):
+    dd.with_phase(nn.Dense(3), 0.5)
 
 
 def test_bad_input_raises():
@@ -121,14 +150,14 @@ def test_st_topk_layer_is_a_k_diagonal_layer_and_freeze_keeps_it(rng):
   vals = np.asarray(v["params"]["values"])
   np.testing.assert_allclose(np.var(vals), 1 / m, rtol=0.15)  # kept entries: nn.Dense's std
   for level in (1.0, 0.5, 0.0):  # K_active = P, between, K
-    v = dd.set_k_active(dd.set_temperature(v, 0.3), level)
     w = pattern.densify(vals[o], o, m, n)  # gates exactly 1 on the top-K
-    chex.assert_trees_all_close(layer.apply(v, x), x @ w + v["params"]["bias"], rtol=1e-5,
-                                atol=1e-5)
+    chex.assert_trees_all_close(dd.with_phase(layer, level, 0.3).apply(v, x),
+                                x @ w + v["params"]["bias"], rtol=1e-5, atol=1e-5)
   frozen, _ = dd.freeze(v, None, gate="st_topk")
   np.testing.assert_array_equal(frozen["dynadiag"]["offsets"], o)
   np.testing.assert_array_equal(frozen["params"]["values"], vals[o])  # gates of 1 fold to nothing
-  chex.assert_trees_all_close(layer.apply(frozen, x), layer.apply(v, x), rtol=1e-6, atol=1e-6)
+  chex.assert_trees_all_close(layer.apply(frozen, x), dd.with_phase(layer, 0.0, 0.3).apply(v, x),
+                              rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("level", [1.0, 0.5])
@@ -136,13 +165,14 @@ def test_st_topk_shadow_same_forward_dense_value_grad(level, rng):
   m, n, s = 32, 16, 0.75
   x = jnp.asarray(rng.normal(size=(3, m)), jnp.float32)
   c = jnp.asarray(rng.normal(size=(3, n)), jnp.float32)
-  lay = {g: dd.DiagDense(n, sparsity=s, gate=g, backend="dense") for g in ("st_topk", "st_topk_shadow")}
-  v = dd.set_k_active(dd.set_temperature(lay["st_topk"].init(jax.random.PRNGKey(3), x), 0.5), level)
+  lay = {g: dd.with_phase(dd.DiagDense(n, sparsity=s, gate=g, backend="dense"), level, 0.5)
+         for g in ("st_topk", "st_topk_shadow")}
+  v = lay["st_topk"].init(jax.random.PRNGKey(3), x)
   grads = {g: jax.grad(lambda p, l=l: (l.apply({**v, "params": p}, x) * c).sum())(v["params"])
            for g, l in lay.items()}
   np.testing.assert_array_equal(lay["st_topk_shadow"].apply(v, x), lay["st_topk"].apply(v, x))
   chex.assert_trees_all_close(grads["st_topk_shadow"]["alpha"], grads["st_topk"]["alpha"], rtol=1e-6)
-  act = np.asarray(v["dynadiag"]["active"])
+  act = _top(v["params"]["alpha"], dd.schedules.k_active(m, pattern.num_kept(m, n, s), level))
   # shadow: every active diagonal's values get dL/dW on that diagonal (the gates' 0/1 dropped)
   dw = x.T @ c  # dL/dW of the linear loss
   want = np.zeros_like(np.asarray(v["params"]["values"]))

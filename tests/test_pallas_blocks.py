@@ -108,11 +108,13 @@ def test_blocks_the_kernels_cannot_take_raise(b):
 
 class _Mlp(nn.Module):
   backend: str = "dense"
+  level: float = 0.5  # K < K_active < P: diag_matmul runs on traced offsets
 
   @nn.compact
   def __call__(self, x):
-    x = jax.nn.gelu(dd.DiagDense(256, sparsity=0.75, block=32, backend=self.backend)(x))
-    return dd.DiagDense(64, sparsity=0.5, block=16, backend=self.backend)(x)
+    kw = dict(backend=self.backend, level=self.level)
+    x = jax.nn.gelu(dd.DiagDense(256, sparsity=0.75, block=32, **kw)(x))
+    return dd.DiagDense(64, sparsity=0.5, block=16, **kw)(x)
 
 
 @pytest.mark.parametrize("frozen", [False, True], ids=["exploring", "frozen"])
@@ -123,7 +125,6 @@ def test_diag_dense_blocks_pallas_matches_dense(frozen):
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.standard_normal((12, 128)), F32)
   variables = _Mlp().init(jax.random.PRNGKey(seed % 2**31), x)
-  variables = dd.set_k_active(variables, 0.5)
   if frozen:
     variables, _ = dd.freeze(variables)
   params = variables["params"]

@@ -1,4 +1,4 @@
-"""Temperature and K_active setters, and the freeze transition."""
+"""The exploration phase as layer configuration (`with_phase`), `advance` and the freeze."""
 
 import chex
 import flax.linen as nn
@@ -12,19 +12,27 @@ import dynadiag_jax as dd
 
 
 class Net(nn.Module):
-  """Two DiagDense layers and a dense head, nested one level."""
+  """Two DiagDense layers and a dense head, nested one level; the phase passed down as
+  user code does (a model with a `LayerFactory` takes `dd.with_phase` instead)."""
+  level: float = 0.0
+  temperature: float = 0.2
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(dd.DiagDense(24, sparsity=0.8, name="a")(x))
-    x = nn.relu(Block(name="blk")(x))
+    x = nn.relu(dd.DiagDense(24, sparsity=0.8, level=self.level, temperature=self.temperature,
+                             name="a")(x))
+    x = nn.relu(Block(self.level, self.temperature, name="blk")(x))
     return nn.Dense(3, name="head")(x)
 
 
 class Block(nn.Module):
+  level: float
+  temperature: float
+
   @nn.compact
-  def __call__(self, x):
-    return dd.DiagDense(11, sparsity=0.5, name="a")(x)  # same name as the outer layer
+  def __call__(self, x):  # same name as the outer layer
+    return dd.DiagDense(11, sparsity=0.5, level=self.level, temperature=self.temperature,
+                        name="a")(x)
 
 
 def _setup(rng):
@@ -32,25 +40,18 @@ def _setup(rng):
   net = Net()
   v = net.init(jax.random.PRNGKey(0), x)
   v["params"] = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
-  return net, x, dd.set_temperature(dd.set_k_active(v, 0.0), 0.2)
+  return net, x, v
 
 
-def test_set_temperature_and_k_active(rng):
+def test_exploring_layers_and_k_active_per_level(rng):
   net, x, v = _setup(rng)
   assert dd.exploring_layers(v) == [("a",), ("blk", "a")]
-  v1 = dd.set_temperature(v, 0.7)
-  for path in (("a",), ("blk", "a")):
-    col = v1["dynadiag"]
-    for key in path:
-      col = col[key]
-    np.testing.assert_allclose(col["temperature"], 0.7)
-  full = dd.set_k_active(v, 1.0)
-  assert full["dynadiag"]["a"]["active"].shape == (24,)
-  half = dd.set_k_active(v, 0.5)
   k, p = 5, 24  # num_kept(17, 24, 0.8) = ceil(0.2 * 24) = 5
-  assert half["dynadiag"]["a"]["active"].shape == (k + round(0.5 * (p - k)),)
+  for level, want in ((1.0, p), (0.5, k + round(0.5 * (p - k))), (0.0, k)):
+    calls = dd.linear_calls(Net(level=level), v, x)
+    assert [c.k_active for c in calls if c.path == ("a",)] == [want]
   with pytest.raises(ValueError, match="level"):
-    dd.set_k_active(v, 1.5)
+    Net(level=1.5).apply(v, x)
 
 
 def test_freeze_preserves_outputs_and_drops_alpha(rng):
@@ -97,23 +98,22 @@ def test_freeze_rejects_replicated_state(rng):
     dd.freeze(rep)
 
 
-def test_advance_drives_levels_temperature_and_one_freeze(rng):
-  """dd.advance: level and temperature before freeze_step, the freeze once, then nothing."""
+def test_advance_changes_variables_only_at_the_freeze(rng):
+  """dd.advance: variables untouched before freeze_step (the level and temperature are
+  configuration), the freeze once, then nothing."""
   net, x, v = _setup(rng)
   sched = dd.Schedule(total_steps=10, freeze_fraction=0.5, k_start_fraction=1.0, num_levels=3)
   tx = optax.adam(1e-3)
   st = tx.init(v["params"])
-  seen = []
+  v0, seen = v, []
   for step in range(11):
     v, st = dd.advance(v, st, sched, step)
     frozen = not dd.exploring_layers(v)
     assert frozen == sched.is_frozen(step)
     if not frozen:
-      col = v["dynadiag"]["a"]
-      np.testing.assert_allclose(col["temperature"], sched.temperature(step), rtol=1e-6)
-      k, p = int(col["k"]), v["params"]["a"]["alpha"].shape[0]
-      assert col["active"].shape[0] == dd.schedules.k_active(p, k, sched.level(step))
-      seen.append(col["active"].shape[0])
+      chex.assert_trees_all_equal(v, v0)
+      calls = dd.linear_calls(Net(sched.level(step), float(sched.temperature(step))), v, x)
+      seen.append(calls[0].k_active)
     else:
       assert "alpha" not in v["params"]["a"] and "offsets" in v["dynadiag"]["a"]
       assert "alpha" not in str(jax.tree_util.tree_structure(st))
@@ -126,7 +126,7 @@ def test_advance_after_the_last_step_freezes_a_run_that_explores_to_the_end(rng)
   for step in range(4):
     v, _ = dd.advance(v, None, sched, step)
     assert dd.exploring_layers(v)
-  y = net.apply(dd.set_k_active(v, 0.0), x)  # the top-K function the freeze keeps
+  y = Net(level=0.0).apply(v, x)  # the top-K function the freeze keeps
   v, st = dd.advance(v, None, sched, 4)
   assert not dd.exploring_layers(v) and st is None
   chex.assert_trees_all_close(net.apply(v, x), y, atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ def test_totals_and_table():
   assert abs(t["sparsity"] - (1 - kd / (40 * 300 + 2 * 300 * 300))) < 1e-12
   table = dd.summarize(model, v, x)
   assert "sub/mid" in table and "40x300" in table and f"{t['stored_params']:,}" in table
-  frozen, _ = dd.freeze(dd.set_k_active(v, 0.0))
+  frozen, _ = dd.freeze(v)
   t2 = dd.totals(model, frozen, x)
   assert (t2["stored_params"], t2["dense_params"]) == (t["stored_params"], t["dense_params"])
   assert "frozen" in dd.summarize(model, frozen, x)

@@ -103,7 +103,7 @@ def prepare(config: ml_collections.ConfigDict, state: Any) -> Any:
     # smaller ones tie and top-k would then keep the lowest offsets).
     rank = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), p))
     node["alpha"] = (np.full(p, 1.0 / p) * (1.0 + 1e-3 * rank / p)).astype(node["alpha"].dtype)
-  return state_lib.freeze(state.replace(params=params))
+  return state_lib.freeze(state.replace(params=params), dd.diag_dense.DEFAULT_TEMPERATURE)
 
 
 def stored_weights(config: ml_collections.ConfigDict, model: nn.Module, x: np.ndarray,

@@ -39,7 +39,7 @@ def _first_exploring(variables: Any) -> tuple[str, ...] | None:
   return paths[0] if paths else None
 
 
-def trace(workdir: str, step: int, state: Any) -> None:
+def trace(workdir: str, step: int, state: Any, temperature: float) -> None:
   """Appends alpha, K and T of the first exploring layer of a replicated state to alpha.jsonl."""
   first = lambda x: np.asarray(x.addressable_shards[0].data)[0] if hasattr(
       x, "addressable_shards") else np.asarray(x)
@@ -52,7 +52,7 @@ def trace(workdir: str, step: int, state: Any) -> None:
   p, c = state.params, extra[COLLECTION]
   for k in path:
     p, c = p[k], c[k]
-  rec = {"step": int(step), "layer": "/".join(path), "temperature": float(first(c["temperature"])),
+  rec = {"step": int(step), "layer": "/".join(path), "temperature": float(temperature),
          "k": int(first(c["k"])), "gate": str(getattr(state, "gate", dd.gates.DEFAULT)),
          "alpha": first(p["alpha"]).astype(float).round(7).tolist()}
   with open(os.path.join(workdir, TRACE), "a") as f:

@@ -142,6 +142,10 @@ class Run:
     return cls(config, local_devices(config), source, spec, model, sparsity, steps, sched, tx,
                build.learning_rate(config, steps, spe), _compile_options(config))
 
+  @property
+  def k_start_fraction(self) -> float:
+    return self.sched.k_start_fraction if self.sched is not None else 1.0
+
   def fresh(self) -> state_lib.TrainState:
     """The initial state, un-replicated."""
     x = self.spec.dummy_input()
@@ -151,8 +155,7 @@ class Run:
 
   def like(self, meta: dict) -> state_lib.TrainState:
     """A fresh state in the phase a checkpoint's metadata names (its restore target)."""
-    return state_lib.at_phase(self.fresh(), meta["level"], meta["frozen"],
-                              self.config.schedule.k_start_fraction)
+    return state_lib.at_phase(self.fresh(), meta["level"], meta["frozen"])
 
   def phase_due(self, rstate: state_lib.TrainState, step: int) -> bool:
     """Whether a K_active level change or the freeze is due before `step`."""
@@ -305,7 +308,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
 
   p_train = make_train_step(run.model, run.tx, run.sched, run.spec, config.label_smoothing,
                             run.options)
-  p_eval = make_eval_step(run.model, run.spec, run.options)
+  p_eval = make_eval_step(run.model, run.spec, run.options, run.sched)
   watch = guard.FiniteWatch()
 
   def save(h: state_lib.TrainState, force: bool = False):
@@ -316,7 +319,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
     ck.save(h, {"wall_s": wall(), "config": checkpoint.config_json(config),
                 "pending": _pending_json(pending)}, force)
 
-  rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host)
+  rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host, run.k_start_fraction)
   pending: list[dict] = carried  # per-step metrics since the last train record
   batches = data.batches(run.source, config.batch_size, seed=config.seed, start_step=start,
                          num_devices=len(devices), raw=True, prefetch=config.data.prefetch,
@@ -338,7 +341,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
           host = state_lib.advance(state_lib.unreplicate(rstate), run.sched, step)
           if host.frozen:
             rep.event(step, "freeze")
-          rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host)
+          rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host, run.k_start_fraction)
         rstate, metrics = p_train(rstate, prep(state_lib.shard(next(batches), devices)))
         done = step + 1
         rep.tick()
@@ -351,7 +354,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
             rep.write(done, "train", rec, postfix=True)
             pending = []
             if lead and rstate.sparse and not rstate.frozen:
-              records.trace(workdir, done, rstate)
+              records.trace(workdir, done, rstate, float(run.sched.temperature(step)))
         if config.eval_every and done % config.eval_every == 0 and done < run.steps:
           watch.check()
           ev = evaluate(p_eval, rstate, run.source, run.spec, config, devices)
@@ -374,7 +377,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
     ck.close()
 
   if run.sched is not None and not host.frozen:  # freeze_fraction = 1: freeze at the end
-    host = state_lib.freeze(host)
+    host = state_lib.freeze(host, float(run.sched.temperature(run.steps)))
   ev = evaluate(p_eval, state_lib.replicate(host, devices), run.source, run.spec, config, devices)
   try:
     guard.check_eval(ev, run.steps)

@@ -24,8 +24,8 @@ class TrainState:
   step: () int32 steps done (also the data position); params; extra: the other variable
   collections ({'dynadiag': ...} or {}); opt_state; rng: (2,) uint32 base key (dropout key
   of step s = fold_in(rng, s)). Schedule state, static (part of the tree structure):
-  `level` is the K_active level in use (None: as initialized) and `frozen` whether the
-  freeze has happened; both change the shapes, so the pmapped step recompiles per value.
+  `level` is the K_active level in use (None: as initialized, every diagonal) and `frozen`
+  whether the freeze has happened; the step compiles once per value (`model_at`).
   """
   step: Any
   params: Any
@@ -69,51 +69,58 @@ def _with_variables(state: TrainState, variables: dict, **kw) -> TrainState:
   return state.replace(params=params, extra=variables, **kw)
 
 
-def set_level(state: TrainState, level: float, k_start_fraction: float) -> TrainState:
-  """State whose layers compute the diagonals of K_active `level` (host, un-replicated)."""
-  v = dd.set_k_active(state.variables, level, k_start_fraction)
-  return _with_variables(state, v, level=float(level))
-
-
-def freeze(state: TrainState) -> TrainState:
+def freeze(state: TrainState, temperature: float = dd.phases.T_END) -> TrainState:
   """State after the freeze transition: alpha dropped, top-K values and moments kept."""
-  v, opt = dd.freeze(state.variables, state.opt_state, gate=state.gate)
+  v, opt = dd.freeze(state.variables, state.opt_state, state.gate, temperature)
   return _with_variables(state, v, opt_state=_np_tree(opt), level=0.0, frozen=True)
 
 
 def advance(state: TrainState, sched: dd.Schedule, step: int) -> TrainState:
-  """The phase changes due before running `step` (`dynadiag_jax.advance`), host side."""
+  """The phase changes due before running `step` (the level; the freeze), host side."""
   if not state.sparse or state.frozen or (state.level, False) == sched.phase(step):
     return state
-  v, opt = dd.advance(state.variables, state.opt_state, sched, step, gate=state.gate)
   level, frozen = sched.phase(step)
-  return _with_variables(state, v, opt_state=_np_tree(opt), level=level, frozen=frozen)
+  if frozen:
+    return freeze(state, float(sched.temperature(step)))
+  return state.replace(level=level)
 
 
 def at_phase(state: TrainState, level: float | None, frozen: bool,
-             k_start_fraction: float) -> TrainState:
+             temperature: float = dd.phases.T_END) -> TrainState:
   """A fresh state brought to the structure of (level, frozen): a restore target."""
   if not state.sparse:
     return state
   if frozen:
-    return freeze(state)
-  return state if level is None else set_level(state, level, k_start_fraction)
+    return freeze(state, temperature)
+  return state.replace(level=level)
 
 
-def active_diagonals(state: TrainState) -> int:
+def model_at(model: nn.Module, state: TrainState, sched: dd.Schedule | None,
+             temperature: Any = dd.diag_dense.DEFAULT_TEMPERATURE) -> nn.Module:
+  """`model` in the exploration phase of `state` (its level) at `temperature`."""
+  if not state.sparse or state.frozen or sched is None:
+    return model
+  level = 1.0 if state.level is None else state.level
+  return dd.with_phase(model, level, temperature, sched.k_start_fraction)
+
+
+def active_diagonals(state: TrainState, k_start_fraction: float = 1.0) -> int:
   """Diagonals computed per step, summed over the DiagDense layers (kept K once frozen)."""
+  level = 1.0 if state.level is None else state.level
   total = 0
 
-  def walk(node):
+  def walk(col, params):
     nonlocal total
-    if isinstance(node, dict):
-      if "active" in node or "offsets" in node:
-        total += int(np.shape(node.get("active", node.get("offsets")))[-1])
-        return
-      for v in node.values():
-        walk(v)
+    if "offsets" in col:
+      total += int(np.shape(col["offsets"])[-1])
+    elif "k" in col:
+      k = int(np.asarray(col["k"]).reshape(-1)[0])
+      total += dd.schedules.k_active(np.shape(params["alpha"])[-1], k, level, k_start_fraction)
+    else:
+      for key, sub in col.items():
+        walk(sub, params[key])
 
-  walk(state.extra.get(COLLECTION, {}))
+  walk(state.extra.get(COLLECTION, {}), state.params)
   return total
 
 

@@ -12,7 +12,7 @@ import optax
 
 import dynadiag_jax as dd
 from dynadiag_jax.train.build import DataSpec, input_key
-from dynadiag_jax.train.state import AXIS, TrainState, unreplicate
+from dynadiag_jax.train.state import AXIS, TrainState, model_at, unreplicate
 
 
 # XLA's cheap CPU backend passes: about half the compile time, somewhat slower steps.
@@ -94,7 +94,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: d
                     options: dict[str, Any] | None = None) -> Callable:
   """pmapped (state, batch) -> (state, metrics); grads and metrics are pmean'd over AXIS.
 
-  The temperature of step s is sched.temperature(s), set inside the step. The step
+  The model runs in the state's phase (`state.model_at`): its K_active level, static, and
+  the temperature sched.temperature(s) of step s, computed inside the step. The step
   recompiles when the state's structure changes (each K_active level, the freeze); frozen
   patterns are closed over as constants (see `PatternStep`).
   """
@@ -102,15 +103,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: d
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
-    extra = state.extra
     t = jnp.asarray(1.0, jnp.float32)
     if state.sparse and not state.frozen and sched is not None:
       t = sched.temperature(state.step)
-      extra = {k: v for k, v in dd.set_temperature(state.variables, t).items() if k != "params"}
+    net = model_at(model, state, sched, t)
 
     def loss_fn(params):
-      logits = model.apply({"params": params, **extra}, batch[kx], train=True,
-                           rngs={"dropout": rng})
+      logits = net.apply({"params": params, **state.extra}, batch[kx], train=True,
+                         rngs={"dropout": rng})
       loss, correct = losses(logits, batch[ky], label_smoothing)
       return loss.mean(), correct.mean()
 
@@ -121,19 +121,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: d
     metrics = jax.lax.pmean({"loss": loss, "accuracy": acc,
                              "grad_norm": optax.tree.norm(grads)}, AXIS)
     metrics["temperature"] = t
-    new = state.replace(step=state.step + 1, params=params, extra=extra, opt_state=opt_state)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new, metrics
 
   return PatternStep(step, options, donate=(0,))
 
 
-def make_eval_step(model: nn.Module, spec: DataSpec,
-                   options: dict[str, Any] | None = None) -> Callable:
-  """pmapped (state, batch) -> sums {loss, correct, count} over the masked batch, psum'd."""
+def make_eval_step(model: nn.Module, spec: DataSpec, options: dict[str, Any] | None = None,
+                   sched: dd.Schedule | None = None) -> Callable:
+  """pmapped (state, batch) -> sums {loss, correct, count} over the masked batch, psum'd.
+
+  While exploring, the model runs in the state's phase at the temperature of its last
+  train step, sched.temperature(step - 1).
+  """
   kx, ky = input_key(spec)
 
   def step(state: TrainState, batch: dict) -> dict:
-    logits = model.apply(state.variables, batch[kx], train=False)
+    net = model
+    if state.sparse and not state.frozen and sched is not None:
+      net = model_at(model, state, sched, sched.temperature(jnp.maximum(state.step - 1, 0)))
+    logits = net.apply(state.variables, batch[kx], train=False)
     loss, correct = losses(logits, batch[ky])
     w = batch["mask"].reshape(batch["mask"].shape + (1,) * (loss.ndim - 1))
     w = jnp.broadcast_to(w, loss.shape)
