@@ -76,13 +76,14 @@ def freeze(state: TrainState, temperature: float = dd.phases.T_END) -> TrainStat
 
 
 def advance(state: TrainState, sched: dd.Schedule, step: int) -> TrainState:
-  """The phase changes due before running `step` (the level; the freeze), host side."""
+  """The phase changes due before running `step`: the level, or the freeze (`dd.advance`)."""
   if not state.sparse or state.frozen or (state.level, False) == sched.phase(step):
     return state
   level, frozen = sched.phase(step)
-  if frozen:
-    return freeze(state, float(sched.temperature(step)))
-  return state.replace(level=level)
+  if not frozen:
+    return state.replace(level=level)
+  v, opt = dd.advance(state.variables, state.opt_state, sched, step, gate=state.gate)
+  return _with_variables(state, v, opt_state=_np_tree(opt), level=0.0, frozen=True)
 
 
 def at_phase(state: TrainState, level: float | None, frozen: bool,
