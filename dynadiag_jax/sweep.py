@@ -104,7 +104,8 @@ def collect(workdir: str, task: str = "") -> list[dict]:
     rows.append({"task": task or s.get("data", ""), "method": method, "sparsity": sp,
                  "seed": seed, "metric": metric, "value": s[metric],
                  "actual_sparsity": s.get("sparsity"), "stored_params": s.get("stored_params"),
-                 "steps": s.get("steps"), "wall_s": s.get("wall_s"), "dir": str(p.parent)})
+                 "steps": s.get("steps"), "wall_s": s.get("wall_s"),
+                 "commit": s.get("code", {}).get("commit"), "dir": str(p.parent)})
   with open(os.path.join(workdir, "results.jsonl"), "w") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")

@@ -81,3 +81,9 @@ def test_real_sweep_runs_once_and_skips_finished(tmp_path):
   assert r.returncode == 0 and "2 done, 0 to go" in r.stdout
   assert [p.stat().st_mtime_ns for p in sums] == stamp
   assert "| rigl |" in (tmp_path / "results.md").read_text()
+  # every run records the code it ran (the commit of this checkout; None outside git)
+  head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
+                        text=True)
+  want = head.stdout.strip() if head.returncode == 0 else None
+  rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+  assert [r["commit"] for r in rows] == [want, want]

@@ -224,7 +224,7 @@ def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, star
       "dense_params": tot["dense_params"], "steps": run.steps, "wall_s": wall_s,
       "resumed_from": start, "train_step_compiles": compiles, "layer_sparsity": run.sparsity,
       "model": run.config.model.name, "data": run.source.name, "method": methods.name(run.config),
-      **_mask_totals(run, host),
+      "code": progress.code_version(), **_mask_totals(run, host),
   }
 
 

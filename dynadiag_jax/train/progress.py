@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import time
 from typing import Any, Mapping
 
@@ -139,6 +140,21 @@ class Reporter:
       self._file.close()
     self.bar = self.writer = self._file = None
     self._want_bar = False
+
+
+def code_version() -> dict[str, Any]:
+  """{'commit', 'dirty'} of the git checkout the library runs from (None, None outside one)."""
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
+                                  timeout=30)
+  try:
+    head = git("rev-parse", "HEAD")
+    if head.returncode:
+      return {"commit": None, "dirty": None}
+    changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+  return {"commit": head.stdout.strip(), "dirty": bool(changed)}
 
 
 def write_summary(workdir: str, summary: Mapping[str, Any]) -> str:
