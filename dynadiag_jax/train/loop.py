@@ -319,7 +319,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
     ck.save(h, {"wall_s": wall(), "config": checkpoint.config_json(config),
                 "pending": _pending_json(pending)}, force)
 
-  rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host, run.k_start_fraction)
+  def place(h: state_lib.TrainState) -> tuple[state_lib.TrainState, int]:
+    """(replicated state, diagonals it computes per step)."""
+    return state_lib.replicate(h, devices), state_lib.active_diagonals(h, run.k_start_fraction)
+
+  rstate, active = place(host)
   pending: list[dict] = carried  # per-step metrics since the last train record
   batches = data.batches(run.source, config.batch_size, seed=config.seed, start_step=start,
                          num_devices=len(devices), raw=True, prefetch=config.data.prefetch,
@@ -341,7 +345,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
           host = state_lib.advance(state_lib.unreplicate(rstate), run.sched, step)
           if host.frozen:
             rep.event(step, "freeze")
-          rstate, active = state_lib.replicate(host, devices), state_lib.active_diagonals(host, run.k_start_fraction)
+          rstate, active = place(host)
         rstate, metrics = p_train(rstate, prep(state_lib.shard(next(batches), devices)))
         done = step + 1
         rep.tick()

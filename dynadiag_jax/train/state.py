@@ -42,6 +42,11 @@ class TrainState:
     return {"params": self.params, **self.extra}
 
   @property
+  def active_level(self) -> float:
+    """The K_active level the layers compute at (1.0, every diagonal, before any is set)."""
+    return 1.0 if self.level is None else self.level
+
+  @property
   def sparse(self) -> bool:
     """Whether the model has DiagDense layers."""
     return COLLECTION in self.extra
@@ -86,13 +91,12 @@ def advance(state: TrainState, sched: dd.Schedule, step: int) -> TrainState:
   return _with_variables(state, v, opt_state=_np_tree(opt), level=0.0, frozen=True)
 
 
-def at_phase(state: TrainState, level: float | None, frozen: bool,
-             temperature: float = dd.phases.T_END) -> TrainState:
+def at_phase(state: TrainState, level: float | None, frozen: bool) -> TrainState:
   """A fresh state brought to the structure of (level, frozen): a restore target."""
   if not state.sparse:
     return state
   if frozen:
-    return freeze(state, temperature)
+    return freeze(state)
   return state.replace(level=level)
 
 
@@ -101,13 +105,11 @@ def model_at(model: nn.Module, state: TrainState, sched: dd.Schedule | None,
   """`model` in the exploration phase of `state` (its level) at `temperature`."""
   if not state.sparse or state.frozen or sched is None:
     return model
-  level = 1.0 if state.level is None else state.level
-  return dd.with_phase(model, level, temperature, sched.k_start_fraction)
+  return dd.with_phase(model, state.active_level, temperature, sched.k_start_fraction)
 
 
 def active_diagonals(state: TrainState, k_start_fraction: float = 1.0) -> int:
   """Diagonals computed per step, summed over the DiagDense layers (kept K once frozen)."""
-  level = 1.0 if state.level is None else state.level
   total = 0
 
   def walk(col, params):
@@ -116,7 +118,8 @@ def active_diagonals(state: TrainState, k_start_fraction: float = 1.0) -> int:
       total += int(np.shape(col["offsets"])[-1])
     elif "k" in col:
       k = int(np.asarray(col["k"]).reshape(-1)[0])
-      total += dd.schedules.k_active(np.shape(params["alpha"])[-1], k, level, k_start_fraction)
+      total += dd.schedules.k_active(np.shape(params["alpha"])[-1], k, state.active_level,
+                                     k_start_fraction)
     else:
       for key, sub in col.items():
         walk(sub, params[key])

@@ -137,9 +137,8 @@ def make_eval_step(model: nn.Module, spec: DataSpec, options: dict[str, Any] | N
   kx, ky = input_key(spec)
 
   def step(state: TrainState, batch: dict) -> dict:
-    net = model
-    if state.sparse and not state.frozen and sched is not None:
-      net = model_at(model, state, sched, sched.temperature(jnp.maximum(state.step - 1, 0)))
+    net = model if sched is None else model_at(
+        model, state, sched, sched.temperature(jnp.maximum(state.step - 1, 0)))
     logits = net.apply(state.variables, batch[kx], train=False)
     loss, correct = losses(logits, batch[ky])
     w = batch["mask"].reshape(batch["mask"].shape + (1,) * (loss.ndim - 1))
