@@ -51,12 +51,15 @@ def _run(backend, x, v, o, c, m, n, traced):
 # whose n is no multiple of m, b = 1 with few rows (elementwise forms) and with many rows
 # (the GEMM path), blocks of 16 and 32.
 assert 2 / 40 <= xla.WINDOWS_MAX_DENSITY_B1 < 3 / 20
+assert 1 / 100 <= xla.SCATTER_MAX_DENSITY_B1 < 2 / 40
 CASES = [
     (24, 24, 1, 5, 3), (40, 15, 1, 6, 5), (15, 40, 1, 7, 2), (9, 31, 1, 31, 1),
     (31, 9, 1, 2, 4), (20, 12, 1, 3, xla.DENSE_ROWS_B1 + 3),
-    # b = 1, many rows, K / P <= 0.1: windows for y and dx (the scatter form in row tiles,
-    # rows no multiple of the tile), GEMM for dvalues; K past one loop group
+    # b = 1, many rows, K / P <= 0.1: windows for the gather form, GEMM for the scatter
+    # form and dvalues; K / P = 0.01: windows for both (the scatter form in row tiles, rows
+    # no multiple of the tile); K past one loop group
     (12, 40, 1, 3, 2 * xla._ROW_TILE + 5), (40, 12, 1, 2, xla._ROW_TILE + 7), (100, 90, 1, 70, 2),
+    (12, 100, 1, 1, 2 * xla._ROW_TILE + 5), (100, 12, 1, 1, xla._ROW_TILE + 7),
     (64, 64, 16, 2, 7), (96, 32, 16, 3, 5), (32, 96, 16, 4, 3), (48, 80, 16, 5, 1),
     (128, 64, 32, 1, 9), (64, 192, 32, 6, 2),
     (32, 128, 16, 2, 5),  # wide, K <= _RUNS_MAX_K: the forward as padded runs

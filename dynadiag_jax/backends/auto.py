@@ -5,8 +5,13 @@ this rule sit side by side):
 - block = 1: the dense backend scatters the K diagonals into W on every call, which loses
   to `nn.Dense` itself by 4-20x at few rows; `xla` reads only the K x D values (windows
   of x, one vectorised fusion per group of diagonals). From `DENSE_ROWS_B1` rows on, `xla`
-  keeps the windows for y and dx while K / P <= `WINDOWS_MAX_DENSITY_B1` and takes dvalues
-  from the GEMM x.T @ dy; denser, it is the dense backend's GEMM, so `dense` there.
+  takes dvalues from the GEMM x.T @ dy and keeps the windows for the gather-form product
+  (y of a tall kernel, dx of a wide one) while K / P <= `WINDOWS_MAX_DENSITY_B1`, and for
+  the scatter-form product (accumulator windows: y of a wide kernel, dx of a tall one)
+  only while K / P <= `SCATTER_MAX_DENSITY_B1`, a GEMM on W above it (quiet-machine grid:
+  768x3072 forward at K / P = 0.05 and 0.1 measured 0.79x / 0.64x of nn.Dense by windows
+  against 0.91x by GEMM; 1.28x by windows at 0.01). Denser than
+  `WINDOWS_MAX_DENSITY_B1`, every product is the dense backend's GEMM, so `dense` there.
 - block >= 16: with few rows `xla` wins for the same reason; with many rows its batched
   b x b products beat the dense GEMM while K / P stays below a bound that grows with b
   (small blocks make small, inefficient products).
@@ -23,7 +28,8 @@ from dynadiag_jax.pattern import Geometry
 # block b -> largest K / P at which `xla` beats `dense` on CPU (measured, b >= 16).
 CPU_XLA_MAX_DENSITY = {16: 0.07, 32: 0.15, 64: 0.3, 128: 0.4}
 DENSE_ROWS_B1 = 64  # b = 1, xla backend: from here on dvalues come from a GEMM x.T @ dy
-WINDOWS_MAX_DENSITY_B1 = 0.11  # b = 1, many rows: y and dx by windows up to this K / P (90%)
+WINDOWS_MAX_DENSITY_B1 = 0.11  # b = 1, many rows: gather-form windows up to this K / P (90%)
+SCATTER_MAX_DENSITY_B1 = 0.02  # b = 1, many rows: scatter-form windows up to this K / P
 
 
 def _max_density(b: int) -> float:

@@ -19,8 +19,9 @@ fori_loop over groups of diagonals whose body is one small elementwise fusion wi
 dynamic slice per diagonal, which LLVM vectorises (XLA emits one fusion of K static
 slices as scalar code once it holds more than ~100 terms, and a chain of dependent
 per-element adds); the scatter form updates windows of an accumulator in place, in row
-tiles. With many rows (from `DENSE_ROWS_B1`) dvalues come from the GEMM x.T @ dy, and y
-and dx too once K / P exceeds `WINDOWS_MAX_DENSITY_B1` (measured, README "Speed on CPU").
+tiles. With many rows (from `DENSE_ROWS_B1`) dvalues come from the GEMM x.T @ dy, and the
+gather (scatter) form product too once K / P exceeds `WINDOWS_MAX_DENSITY_B1`
+(`SCATTER_MAX_DENSITY_B1`), measured, README "Speed on CPU".
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax import ops, pattern
-# b = 1: from DENSE_ROWS_B1 rows on, dvalues from x.T @ dy and, above the density bound,
+# b = 1: from DENSE_ROWS_B1 rows on, dvalues from x.T @ dy and, above the density bounds,
 # y and dx from x @ densify(W) (README "Speed on CPU")
-from dynadiag_jax.backends.auto import DENSE_ROWS_B1, WINDOWS_MAX_DENSITY_B1
+from dynadiag_jax.backends.auto import (DENSE_ROWS_B1, SCATTER_MAX_DENSITY_B1,
+                                        WINDOWS_MAX_DENSITY_B1)
 from dynadiag_jax.pattern import Geometry
 
 # blocks: below this many rows the scatter form sums K padded pieces in one fusion.
@@ -375,9 +377,10 @@ def _few(rows: int) -> bool:
   return rows < DENSE_ROWS_B1
 
 
-def _windows(rows: int, pat, geo: Geometry) -> bool:
-  """b = 1 products y / dx: windows (few rows, or sparse enough) or a GEMM on W."""
-  return _few(rows) or _num(pat) / geo.P <= WINDOWS_MAX_DENSITY_B1
+def _windows(rows: int, pat, geo: Geometry, scatter: bool) -> bool:
+  """b = 1 products y / dx: windows (few rows, or sparse enough for the form) or a GEMM on W."""
+  bound = SCATTER_MAX_DENSITY_B1 if scatter else WINDOWS_MAX_DENSITY_B1
+  return _few(rows) or _num(pat) / geo.P <= bound
 
 
 # -- the backend -----------------------------------------------------------------------------
@@ -386,7 +389,7 @@ def fwd(x_BxM, v, pat, geo: Geometry, cfg):
   """y = x @ W."""
   if geo.block > 1:
     return _fwd_blocks(x_BxM, v, pat, geo, cfg)
-  if _windows(x_BxM.shape[0], pat, geo):
+  if _windows(x_BxM.shape[0], pat, geo, scatter=geo.m < geo.n):
     return _fwd_b1(x_BxM, v, pat, geo.m, geo.n).astype(_out_dtype(x_BxM, v))
   return jnp.matmul(x_BxM, _dense_w(v, pat, geo), precision=cfg.precision)
 
@@ -395,7 +398,7 @@ def dx(dy_BxN, v, pat, geo: Geometry, cfg):
   """dx = dy @ W.T."""
   if geo.block > 1:
     return _dx_blocks(dy_BxN, v, pat, geo, cfg)
-  if _windows(dy_BxN.shape[0], pat, geo):
+  if _windows(dy_BxN.shape[0], pat, geo, scatter=geo.m >= geo.n):
     return _dx_b1(dy_BxN, v, pat, geo.m, geo.n).astype(_out_dtype(dy_BxN, v))
   return jnp.matmul(dy_BxN, _dense_w(v, pat, geo).T, precision=cfg.precision)
 
