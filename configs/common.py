@@ -105,6 +105,7 @@ def base() -> ml_collections.ConfigDict:
       "gmp_start_fraction": 0.0,  # GMP: pruning starts here
       "group": 0,  # nm: M consecutive inputs per group (0: all inputs, constant fan-in)
   })
+  c.static_patterns = ""  # static_diag: a run's patterns.json to freeze on (else random K)
   c.l1 = 0.0  # l1 penalty on alpha
   c.alpha_lr = 1.0  # alpha's learning rate as a multiple of optimizer.lr
   c.schedule = ml_collections.ConfigDict({

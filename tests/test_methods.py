@@ -114,6 +114,38 @@ def _config(method: str, steps: int = 24):
   return c
 
 
+def test_static_diag_freezes_on_given_patterns(tmp_path):
+  """config.static_patterns: static_diag keeps a run's offsets instead of random ones."""
+  from dynadiag_jax.train import loop  # pylint: disable=g-import-not-at-top
+  run = loop.Run.build(_config("static_diag"))
+  x = run.spec.dummy_input()
+  rand = records.patterns(run.model, run.fresh().variables, x)
+  assert set(rand) == {"fc1", "fc2", "head"}
+  want = {}
+  for name, e in rand.items():  # K offsets other than the random ones where P allows
+    p = max(e["m"], e["n"])
+    k = len(e["offsets"])
+    rest = [o for o in range(p) if o not in e["offsets"]]
+    want[name] = {**e, "offsets": sorted((rest + e["offsets"])[:k])}
+  path = tmp_path / records.PATTERNS
+  path.write_text(json.dumps(want))
+  given = run.config.copy_and_resolve_references()
+  given.static_patterns = str(path)
+  got = records.patterns(run.model, methods.prepare(given, run.fresh_unprepared()).variables, x)
+  assert {k: v["offsets"] for k, v in got.items()} == {k: v["offsets"] for k, v in want.items()}
+  assert got != rand
+  bad = {**want, "fc1": {**want["fc1"], "offsets": want["fc1"]["offsets"][:-1]}}
+  path.write_text(json.dumps(bad))
+  with pytest.raises(ValueError, match="'fc1' needs"):
+    methods.prepare(given, run.fresh_unprepared())
+  path.write_text(json.dumps({k: v for k, v in want.items() if k != "fc2"}))
+  with pytest.raises(ValueError, match="no layer 'fc2'"):
+    methods.prepare(given, run.fresh_unprepared())
+  given.static_patterns = str(tmp_path / "missing.json")
+  with pytest.raises(FileNotFoundError, match="missing.json"):
+    methods.prepare(given, run.fresh_unprepared())
+
+
 def test_unknown_method_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown config.method 'lottery'"):
     methods.name(_config("lottery"))

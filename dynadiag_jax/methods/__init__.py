@@ -16,6 +16,8 @@ allocation. Masks live in the optimizer state (`masks.MaskState`).
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -86,24 +88,54 @@ def wrap_optimizer(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
 
 
 def prepare(config: ml_collections.ConfigDict, state: Any) -> Any:
-  """A fresh TrainState made ready for the method (static_diag: frozen on random diagonals)."""
+  """A fresh TrainState made ready for the method (static_diag: frozen on random diagonals,
+  or on the offsets of `config.static_patterns`, a run's patterns.json)."""
   if name(config) != "static_diag" or not state.sparse:
     return state
   from dynadiag_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   params = jax.tree.map(np.array, state.params)  # a copy to edit
   key = jax.random.PRNGKey(int(config.seed) ^ 0x57A71C)
+  given = _load_patterns(config.get("static_patterns", ""))
+  ks = dd.diag_dense.COLLECTION
   for i, path in enumerate(dd.exploring_layers(state.variables)):
-    node = params
+    node, col = params, state.extra[ks]
     for k in path:
-      node = node[k]
+      node, col = node[k], col[k]
     p = node["alpha"].shape[0]
     # Ties broken at random: the top-K of alpha (what freeze keeps) is a random K-subset,
     # and the gates stay ~K/P, so the folded values are those of the exploring layer.
     # A random permutation as relative perturbations of 1e-3 (distinct in float32; far
     # smaller ones tie and top-k would then keep the lowest offsets).
     rank = np.asarray(jax.random.permutation(jax.random.fold_in(key, i), p))
-    node["alpha"] = (np.full(p, 1.0 / p) * (1.0 + 1e-3 * rank / p)).astype(node["alpha"].dtype)
+    if given is not None:  # the given offsets rank above all others, in random order
+      rank = rank + p * np.isin(np.arange(p), _given_offsets(given, path, p, int(col["k"])))
+    span = p if given is None else 2 * p
+    node["alpha"] = (np.full(p, 1.0 / p) * (1.0 + 1e-3 * rank / span)).astype(
+        node["alpha"].dtype)
   return state_lib.freeze(state.replace(params=params), dd.diag_dense.DEFAULT_TEMPERATURE)
+
+
+def _load_patterns(path: str) -> dict | None:
+  """{layer: {m, n, block, offsets}} from a run's patterns.json, or None for ''."""
+  if not path:
+    return None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config.static_patterns: no file {path!r} (a finished DiagDense "
+                            f"run's patterns.json)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _given_offsets(given: dict, path: tuple[str, ...], p: int, k: int) -> np.ndarray:
+  """The K offsets `given` names for the layer at `path`, checked against its P and K."""
+  layer = "/".join(path)
+  if layer not in given:
+    raise ValueError(f"config.static_patterns has no layer {layer!r} (has {sorted(given)})")
+  o = np.asarray(given[layer]["offsets"], np.int64).reshape(-1)
+  if len(o) != k or len(set(o.tolist())) != k or o.min() < 0 or o.max() >= p:
+    raise ValueError(f"config.static_patterns: layer {layer!r} needs {k} distinct offsets in "
+                     f"[0, {p}), got {o.tolist()}")
+  return o
 
 
 def stored_weights(config: ml_collections.ConfigDict, model: nn.Module, x: np.ndarray,

@@ -148,10 +148,13 @@ class Run:
 
   def fresh(self) -> state_lib.TrainState:
     """The initial state, un-replicated."""
+    return methods.prepare(self.config, self.fresh_unprepared())
+
+  def fresh_unprepared(self) -> state_lib.TrainState:
+    """The initial state before the method's preparation (static_diag's freeze)."""
     x = self.spec.dummy_input()
     state = state_lib.create(self.model, self.tx, x, self.config.seed, self.options)
-    state = state.replace(gate=self.config.get("gate", dd.gates.DEFAULT))
-    return methods.prepare(self.config, state)
+    return state.replace(gate=self.config.get("gate", dd.gates.DEFAULT))
 
   def like(self, meta: dict) -> state_lib.TrainState:
     """A fresh state in the phase a checkpoint's metadata names (its restore target)."""
