@@ -29,6 +29,8 @@ TINY = {
                   token_mlp_dim=16, channel_mlp_dim=64),
     "gpt2": dict(name="gpt2", size="tiny", vocab_size=VOCAB, context=CTX, num_layers=2, width=32,
                  num_heads=2),
+    "gpt2_split": dict(name="gpt2", size="tiny", vocab_size=VOCAB, context=CTX, num_layers=2,
+                       width=32, num_heads=2, split_qkv=True),
 }
 
 
@@ -95,6 +97,31 @@ def test_build_shapes_and_roles(key, sparse):
   assert set(kinds) == set(linear_roles(cfg))
   for role, k in kinds.items():
     assert k == ({"diag"} if sparse and role in sparse_roles(cfg) else {"dense"}), role
+
+
+@pytest.mark.parametrize("key", ["vit", "gpt2"])
+def test_split_qkv_is_the_fused_projection_split(key):
+  """split_qkv: 'q', 'k', 'v' linears compute what 'qkv' does with its kernel in three parts."""
+  fused = build(_cfg(key), LayerFactory())
+  split = build(_cfg(key, split_qkv=True), LayerFactory())
+  x, _ = _batch(_cfg(key))
+  v = fused.init(jax.random.key(0), x)
+  p = jax.tree.map(lambda a: a, v["params"])
+  for blk in [k for k in p if k.startswith("block_")]:
+    qkv = p[blk]["attn"].pop("qkv")
+    w, b = np.split(qkv["kernel"], 3, axis=1), np.split(qkv["bias"], 3)
+    p[blk]["attn"].update({r: {"kernel": w[i], "bias": b[i]} for i, r in enumerate("qkv")})
+  if "head" in p:  # the ViT's zero-init head would hide every difference
+    p["head"]["kernel"] = _random_like(p["head"]["kernel"])
+    v = {"params": {**v["params"], "head": p["head"]}}
+  want = fused.apply(v, x)
+  assert float(jnp.abs(want).max()) > 0.1
+  got = split.apply({"params": p}, x)
+  assert set(linear_roles(_cfg(key, split_qkv=True))) >= {"q", "k", "v"}
+  assert "qkv" not in linear_roles(_cfg(key, split_qkv=True))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  ref = jax.tree.map(jnp.shape, split.init(jax.random.key(0), x)["params"])
+  assert jax.tree.map(jnp.shape, p) == ref
 
 
 def test_sparse_roles():

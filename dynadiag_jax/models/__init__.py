@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dynadiag_jax.layers import LayerFactory
+from dynadiag_jax.models.attention import SPLIT_ROLES
 from dynadiag_jax.models.gpt2 import GPT2
 from dynadiag_jax.models.mixer import Mixer
 from dynadiag_jax.models.mlp import MLP, hidden_roles
@@ -44,7 +45,14 @@ def linear_roles(cfg: Any) -> tuple[str, ...]:
   """Every role name a model of `cfg` passes to its factory."""
   if cfg["name"] == "mlp":
     return hidden_roles(_mlp_hidden(cfg)) + ("head",)
-  return LINEAR_ROLES[cfg["name"]]
+  return split_roles(cfg, LINEAR_ROLES[cfg["name"]])
+
+
+def split_roles(cfg: Any, roles: tuple[str, ...]) -> tuple[str, ...]:
+  """`roles` with 'qkv' read as 'q', 'k', 'v' when the model of `cfg` splits the projections."""
+  if not _get(cfg, "split_qkv", False):
+    return tuple(roles)
+  return tuple(r for role in roles for r in (SPLIT_ROLES if role == "qkv" else (role,)))
 
 
 def sparse_roles(cfg: Any) -> tuple[str, ...]:
@@ -54,7 +62,7 @@ def sparse_roles(cfg: Any) -> tuple[str, ...]:
     return hidden_roles(_mlp_hidden(cfg))
   if name not in SPARSE_ROLES:
     raise ValueError(f"unknown model {name!r}; one of {sorted(MODELS)}")
-  return SPARSE_ROLES[name]
+  return split_roles(cfg, SPARSE_ROLES[name])
 
 
 def _field(key: str, v: Any) -> Any:
@@ -78,4 +86,4 @@ def build(cfg: Any, linear: LayerFactory = LayerFactory()) -> nn.Module:
 
 
 __all__ = ["GPT2", "MLP", "MODELS", "Mixer", "SPARSE_ROLES", "LINEAR_ROLES", "ViT", "build",
-           "linear_roles", "sparse_roles"]
+           "linear_roles", "sparse_roles", "split_roles"]

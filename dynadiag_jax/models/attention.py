@@ -14,6 +14,9 @@ from dynadiag_jax.layers import LayerFactory
 Initializer = nn.initializers.Initializer
 
 
+SPLIT_ROLES = ("q", "k", "v")  # the linears of SelfAttention(split_qkv=True), for 'qkv'
+
+
 def fused_xavier_uniform(parts: int) -> Initializer:
   """Xavier-uniform for a fused (d, parts * d) kernel, as if each part were its own (d, d)."""
 
@@ -49,6 +52,8 @@ class SelfAttention(nn.Module):
   """Self-attention: one fused 'qkv' linear to 3d, softmax(q k^T / sqrt(dh)) v, 'attn_out' linear.
 
   The fused kernel's columns are [q | k | v], each laid out head-major (h, dh) as in GPT-2.
+  `split_qkv`: three linears 'q', 'k', 'v' instead (as sparse layers, each selects its own
+  diagonals within its own budget; `qkv_init` then initialises each (d, d) kernel).
   """
   num_heads: int
   linear: LayerFactory = LayerFactory()
@@ -56,6 +61,7 @@ class SelfAttention(nn.Module):
   dropout: float = 0.0  # on the attention weights
   qkv_init: Initializer | None = None
   out_init: Initializer | None = None
+  split_qkv: bool = False
   dtype: Any = None
 
   @nn.compact
@@ -65,7 +71,12 @@ class SelfAttention(nn.Module):
     if d % h:
       raise ValueError(f"width {d} is not divisible by {h} heads")
     dh = d // h
-    qkv_BxTx3xHxK = self.linear("qkv", 3 * d, kernel_init=self.qkv_init)(x_BxTxD).reshape(b, t, 3, h, dh)
+    if self.split_qkv:
+      qkv_BxTx3xD = jnp.stack([self.linear(r, d, kernel_init=self.qkv_init)(x_BxTxD)
+                               for r in SPLIT_ROLES], axis=2)
+      qkv_BxTx3xHxK = qkv_BxTx3xD.reshape(b, t, 3, h, dh)
+    else:
+      qkv_BxTx3xHxK = self.linear("qkv", 3 * d, kernel_init=self.qkv_init)(x_BxTxD).reshape(b, t, 3, h, dh)
     drop = lambda w: nn.Dropout(self.dropout)(w, deterministic=not train)
     o_BxTxD = core(qkv_BxTx3xHxK, self.causal, drop)
     return self.linear("attn_out", d, kernel_init=self.out_init)(o_BxTxD)

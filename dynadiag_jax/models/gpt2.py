@@ -29,6 +29,7 @@ class Block(nn.Module):
   dropout: float = 0.0
   dtype: Any = None
   linear: LayerFactory = LayerFactory()
+  split_qkv: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD: jax.Array, train: bool = False) -> jax.Array:
@@ -38,7 +39,8 @@ class Block(nn.Module):
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="ln_1")(x_BxTxD)
     y = SelfAttention(self.num_heads, self.linear, causal=True, dropout=self.dropout,
-                      qkv_init=init, out_init=proj_init, dtype=self.dtype, name="attn")(y, train)
+                      qkv_init=init, out_init=proj_init, split_qkv=self.split_qkv,
+                      dtype=self.dtype, name="attn")(y, train)
     x_BxTxD = x_BxTxD + drop(y)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="ln_2")(x_BxTxD)
     y = nn.gelu(self.linear("mlp_in", 4 * d, kernel_init=init)(y))
@@ -54,6 +56,7 @@ class GPT2(nn.Module):
   width: int | None = None
   num_heads: int | None = None
   context: int | None = None
+  split_qkv: bool = False  # separate 'q', 'k', 'v' linears instead of the fused 'qkv'
   dtype: Any = None
   linear: LayerFactory = LayerFactory()
 
@@ -77,7 +80,8 @@ class GPT2(nn.Module):
     x_BxTxD = wte(x_BxT) + wpe(jnp.arange(t))[None]
     x_BxTxD = nn.Dropout(self.dropout)(x_BxTxD, deterministic=not train)
     for i in range(num_layers):
-      block = Block(heads, num_layers, self.dropout, self.dtype, lin, name=f"block_{i}")
+      block = Block(heads, num_layers, self.dropout, self.dtype, lin, split_qkv=self.split_qkv,
+                    name=f"block_{i}")
       x_BxTxD = block(x_BxTxD, train)
     x_BxTxD = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="ln_f")(x_BxTxD)
     return wte.attend(x_BxTxD).astype(jnp.float32)

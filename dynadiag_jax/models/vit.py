@@ -25,6 +25,7 @@ class EncoderBlock(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   attn_dropout: float = 0.0
+  split_qkv: bool = False
   dtype: Any = None
   linear: LayerFactory = LayerFactory()
 
@@ -35,7 +36,8 @@ class EncoderBlock(nn.Module):
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
     y = nn.LayerNorm(dtype=self.dtype, name="ln_1")(x_BxTxD)
     y = SelfAttention(self.num_heads, self.linear, dropout=self.attn_dropout,
-                      qkv_init=fused_xavier_uniform(3), out_init=xavier, dtype=self.dtype,
+                      qkv_init=fused_xavier_uniform(1 if self.split_qkv else 3),
+                      out_init=xavier, split_qkv=self.split_qkv, dtype=self.dtype,
                       name="attn")(y, train)
     x_BxTxD = x_BxTxD + drop(y)
     y = nn.LayerNorm(dtype=self.dtype, name="ln_2")(x_BxTxD)
@@ -56,6 +58,7 @@ class ViT(nn.Module):
   depth: int | None = None
   num_heads: int | None = None
   mlp_dim: int | None = None
+  split_qkv: bool = False  # separate 'q', 'k', 'v' linears instead of the fused 'qkv'
   dtype: Any = None
   linear: LayerFactory = LayerFactory()
 
@@ -85,7 +88,8 @@ class ViT(nn.Module):
     x_BxTxD = x_BxTxD + pos_1xTxD.astype(x_BxTxD.dtype)
     x_BxTxD = nn.Dropout(self.dropout)(x_BxTxD, deterministic=not train)
     for i in range(depth):
-      x_BxTxD = EncoderBlock(heads, mlp_dim, self.dropout, self.attn_dropout, self.dtype, lin,
+      x_BxTxD = EncoderBlock(heads, mlp_dim, self.dropout, self.attn_dropout,
+                             split_qkv=self.split_qkv, dtype=self.dtype, linear=lin,
                              name=f"block_{i}")(x_BxTxD, train)
     x_BxTxD = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x_BxTxD)
     x_BxD = x_BxTxD[:, 0] if self.pool == "tok" else x_BxTxD.mean(axis=1)

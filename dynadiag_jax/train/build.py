@@ -60,7 +60,7 @@ def sparse_layers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   if not config.sparse or methods.name(config) == "dense":
     return ()
   names = tuple(config.get("sparse_layers") or ())
-  return names or tuple(models.sparse_roles(config.model))
+  return models.split_roles(config.model, names) or tuple(models.sparse_roles(config.model))
 
 
 def layer_sparsity(config: ml_collections.ConfigDict, spec: DataSpec) -> dict[str, float]:
