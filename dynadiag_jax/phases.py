@@ -24,13 +24,19 @@ def _to_dict(tree):
   return flax.core.unfreeze(tree) if isinstance(tree, flax.core.FrozenDict) else tree
 
 
+def holds(node: Any, name: str) -> bool:
+  """Whether collection node `node` holds the DiagDense variable `name` (not a submodule so
+  named: a layer may be called 'k', as SelfAttention's split projections are)."""
+  return isinstance(node, Mapping) and name in node and not isinstance(node[name], Mapping)
+
+
 def exploring_layers(variables: Mapping[str, Any]) -> list[Path]:
   """Paths (in `params`) of the DiagDense layers that still learn their diagonals."""
   found = []
 
   def walk(node, path):
     if isinstance(node, Mapping):
-      if "k" in node and "offsets" not in node:
+      if holds(node, "k") and not holds(node, "offsets"):
         found.append(path)
         return
       for key, child in node.items():

@@ -124,6 +124,19 @@ def test_split_qkv_is_the_fused_projection_split(key):
   assert jax.tree.map(jnp.shape, p) == ref
 
 
+def test_split_qkv_layers_named_k_are_layers_not_collection_fields():
+  """A sparse layer called 'k' (split_qkv) is found, frozen and counted like any other."""
+  import dynadiag_jax as dd  # pylint: disable=g-import-not-at-top
+  _, model, variables, x, _, apply = _built("gpt2_split", True)
+  roles = {p[-1] for p in dd.exploring_layers(variables)}
+  assert roles == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
+  frozen, _ = dd.freeze(variables)
+  assert not dd.exploring_layers(frozen)
+  calls = [c for c in dd.linear_calls(model, frozen, x) if c.sparse]
+  assert {c.path[-1] for c in calls} == roles and all(c.frozen for c in calls)
+  assert np.all(np.isfinite(apply(frozen, x)))
+
+
 def test_sparse_roles():
   assert sparse_roles({"name": "mlp", "hidden": (8, 8, 8)}) == ("fc1", "fc2", "fc3")
   assert sparse_roles({"name": "vit"}) == ("attn_out", "mlp_in", "mlp_out")

@@ -114,9 +114,9 @@ def active_diagonals(state: TrainState, k_start_fraction: float = 1.0) -> int:
 
   def walk(col, params):
     nonlocal total
-    if "offsets" in col:
+    if dd.phases.holds(col, "offsets"):
       total += int(np.shape(col["offsets"])[-1])
-    elif "k" in col:
+    elif dd.phases.holds(col, "k"):
       k = int(np.asarray(col["k"]).reshape(-1)[0])
       total += dd.schedules.k_active(np.shape(params["alpha"])[-1], k, state.active_level,
                                      k_start_fraction)
