@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import cifar10_mixer_s, cifar10_vit_s, digits_mlp, text_gpt2_tiny
+from configs import cifar10_mixer_s, cifar10_vit_s, digits_mlp, mnist_vit_tiny, text_gpt2_tiny
 from dynadiag_jax.train import (CheckpointError, checkpoint, guard, progress,
                                 train_and_evaluate)
 
@@ -126,8 +126,12 @@ def test_config_diff_reads_fields_added_later_as_their_implied_value():
   behaviour, and is refused when it does not."""
   now = digits_mlp.get_config()
   old = json.loads(checkpoint.config_json(now))
-  for k in checkpoint.IMPLIED:
-    old.pop(k)
+  for k in checkpoint.IMPLIED:  # dotted paths: 'model.split_qkv' (a ViT / GPT-2 field)
+    *parents, leaf = k.split(".")
+    node = old
+    for key in parents:
+      node = node.get(key, {})
+    node.pop(leaf, None)
   now.gate = "soft_topk"  # the behaviour before the field existed
   assert checkpoint.config_diff(json.dumps(old), now) == []
   now.alpha_lr = 10.0
@@ -277,3 +281,13 @@ def test_text_gpt2_tiny_trains_and_reports_perplexity(tmp_path):
   assert "perplexity" in s and 1.0 < s["perplexity"] < 257
   saved = json.loads((tmp_path / "summary.json").read_text())
   assert saved["perplexity"] == pytest.approx(s["perplexity"])
+
+
+def test_config_diff_reads_a_nested_field_added_later():
+  """model.split_qkv, absent from an older ViT checkpoint's config, reads as False."""
+  now = mnist_vit_tiny.get_config()
+  old = json.loads(checkpoint.config_json(now))
+  del old["model"]["split_qkv"]
+  assert checkpoint.config_diff(json.dumps(old), now) == []
+  now.model.split_qkv = True
+  assert checkpoint.config_diff(json.dumps(old), now) == ["model.split_qkv: false -> true"]
