@@ -261,11 +261,9 @@ def plot_offsets(runs: dict[str, str], path: str) -> bool:
   from dynadiag_jax import analysis  # pylint: disable=g-import-not-at-top
   pats = {}
   for label, d in runs.items():
-    p = os.path.join(d, records.PATTERNS)
-    if os.path.exists(p):
-      pat = json.loads(Path(p).read_text())
-      if pat:
-        pats[label] = pat
+    pat = records.read_patterns(os.path.join(d, records.PATTERNS))
+    if pat:
+      pats[label] = pat
   if not pats:
     return False
   fig, axes = plt.subplots(1, len(pats), figsize=(4.5 * len(pats), 3.2), squeeze=False)
@@ -287,15 +285,13 @@ def small_world(runs: dict[str, str], seed: int = 0) -> dict[str, dict]:
   from dynadiag_jax import analysis  # pylint: disable=g-import-not-at-top
   out = {}
   for label, d in runs.items():
-    p = os.path.join(d, records.PATTERNS)
-    if os.path.exists(p):
-      pat = json.loads(Path(p).read_text())
-      sparse = {k: v for k, v in pat.items()
-                if len(v["offsets"]) * 2 < max(v["m"], v["n"]) // v.get("block", 1)}
-      if sparse:  # the smallest layer that keeps under half of its diagonals (networkx is slow)
-        layer, lp = min(sparse.items(), key=lambda kv: kv[1]["m"] + kv[1]["n"])
-        out[label] = {"layer": layer, **analysis.small_world(
-            lp["offsets"], lp["m"], lp["n"], lp.get("block", 1), seed=seed)}
+    pat = records.read_patterns(os.path.join(d, records.PATTERNS)) or {}
+    sparse = {k: v for k, v in pat.items()
+              if len(v["offsets"]) * 2 < max(v["m"], v["n"]) // v.get("block", 1)}
+    if sparse:  # the smallest layer that keeps under half of its diagonals (networkx is slow)
+      layer, lp = min(sparse.items(), key=lambda kv: kv[1]["m"] + kv[1]["n"])
+      out[label] = {"layer": layer, **analysis.small_world(
+          lp["offsets"], lp["m"], lp["n"], lp.get("block", 1), seed=seed)}
   return out
 
 

@@ -16,8 +16,6 @@ allocation. Masks live in the optimizer state (`masks.MaskState`).
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +25,7 @@ import numpy as np
 import optax
 
 import dynadiag_jax as dd
-from dynadiag_jax.methods import masks
+from dynadiag_jax.methods import masks, records
 
 METHODS = ("dense", "dynadiag", "static_diag", "diagheur", "diagrigl", "rigl", "set", "gmp", "nm")
 DIAG_DENSE = ("dynadiag", "static_diag")  # built from DiagDense layers
@@ -96,9 +94,8 @@ def prepare(config: ml_collections.ConfigDict, state: Any) -> Any:
   params = jax.tree.map(np.array, state.params)  # a copy to edit
   key = jax.random.PRNGKey(int(config.seed) ^ 0x57A71C)
   given = _load_patterns(config.get("static_patterns", ""))
-  ks = dd.diag_dense.COLLECTION
   for i, path in enumerate(dd.exploring_layers(state.variables)):
-    node, col = params, state.extra[ks]
+    node, col = params, state.extra[dd.diag_dense.COLLECTION]
     for k in path:
       node, col = node[k], col[k]
     p = node["alpha"].shape[0]
@@ -119,11 +116,11 @@ def _load_patterns(path: str) -> dict | None:
   """{layer: {m, n, block, offsets}} from a run's patterns.json, or None for ''."""
   if not path:
     return None
-  if not os.path.isfile(path):
+  given = records.read_patterns(path)
+  if given is None:
     raise FileNotFoundError(f"config.static_patterns: no file {path!r} (a finished DiagDense "
-                            f"run's patterns.json)")
-  with open(path) as f:
-    return json.load(f)
+                            f"run's {records.PATTERNS})")
+  return given
 
 
 def _given_offsets(given: dict, path: tuple[str, ...], p: int, k: int) -> np.ndarray:

@@ -87,6 +87,14 @@ def patterns(model: nn.Module, variables: Any, x: np.ndarray) -> dict[str, dict]
   return out
 
 
+def read_patterns(path: str) -> dict[str, dict] | None:
+  """{layer: {m, n, block, offsets}} from a patterns.json, or None when there is no such file."""
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def write(workdir: str, model: nn.Module, variables: Any, source, kind: str,
           x: np.ndarray) -> None:
   """correct.npy and patterns.json of a finished run."""
