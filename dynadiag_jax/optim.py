@@ -39,18 +39,25 @@ def add_l1(strength: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def wrap(tx: optax.GradientTransformation, l1: float = 0.0,
-         alpha_lr: float = 1.0) -> optax.GradientTransformation:
+def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.0,
+         select_every: int = 1) -> optax.GradientTransformation:
   """tx with an l1 penalty on alpha before it and alpha's updates x `alpha_lr` after it.
 
-  Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g. optax.adamw) so that
-  alpha is never decayed. Both terms are masked by param name to `alpha` (which leaves
-  at the freeze).
+  `select_every` n > 1 holds alpha's updates back and applies their sum every n steps
+  (optax.apply_every), so the top-K selection can change only every n steps: flicker
+  between near-tied diagonals cancels inside a window instead of swapping diagonals in
+  and out at every step. Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g.
+  optax.adamw) so that alpha is never decayed. The alpha terms are masked by param name
+  to `alpha` (which leaves at the freeze).
   """
   if alpha_lr <= 0:
     raise ValueError(f"alpha_lr must be > 0, got {alpha_lr}")
+  if int(select_every) != select_every or select_every < 1:
+    raise ValueError(f"select_every must be an integer >= 1, got {select_every}")
   parts = [optax.masked(add_l1(l1), alpha_mask)] if l1 else []
   parts.append(tx)
   if alpha_lr != 1.0:
     parts.append(optax.masked(optax.scale(alpha_lr), alpha_mask))
+  if select_every > 1:
+    parts.append(optax.masked(optax.apply_every(int(select_every)), alpha_mask))
   return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -67,3 +67,25 @@ def test_alpha_lr_scales_alpha_updates_only(rng):
   chex.assert_trees_all_close(uf, base.update(fg, base.init(frozen), frozen)[0])
   with pytest.raises(ValueError, match="alpha_lr"):
     optim.wrap(base, alpha_lr=0.0)
+
+
+def test_select_every_applies_the_sum_of_alpha_updates_every_n_steps(rng):
+  p = _params(rng)
+  base = optax.adam(0.1)
+  tx, ref = optim.wrap(base, alpha_lr=2.0, select_every=3), optim.wrap(base, alpha_lr=2.0)
+  st, st_ref = tx.init(p), ref.init(p)
+  held = jnp.zeros(6)
+  for i in range(6):
+    g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+    u, st = tx.update(g, st, p)
+    u_ref, st_ref = ref.update(g, st_ref, p)
+    held = held + u_ref["l"]["alpha"]
+    if i % 3 == 2:  # the sum of the window's (scaled Adam) updates, then nothing held
+      chex.assert_trees_all_close(u["l"]["alpha"], held, rtol=1e-5, atol=1e-7)
+      held = jnp.zeros(6)
+    else:
+      chex.assert_trees_all_close(u["l"]["alpha"], jnp.zeros(6))
+    chex.assert_trees_all_close((u["l"]["values"], u["d"]), (u_ref["l"]["values"], u_ref["d"]))
+  for bad in (0, 2.5):
+    with pytest.raises(ValueError, match="select_every"):
+      optim.wrap(base, select_every=bad)

@@ -158,7 +158,8 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   if sched is None:
     return tx
-  return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)))
+  return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)),
+                       select_every=int(config.get("select_every", 1)))
 
 
 def input_key(spec: DataSpec) -> tuple[str, str]:
