@@ -39,9 +39,29 @@ def add_l1(strength: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def scale_by_leaf_rms(eps: float = 1e-12) -> optax.GradientTransformation:
+  """Divides each leaf by the root mean square of its entries (one scale per layer's alpha)."""
+
+  def update(updates, state, params=None):
+    del params
+    rms = lambda g: jnp.sqrt(jnp.mean(jnp.square(g.astype(jnp.float32))))
+    return jax.tree.map(lambda g: (g / (rms(g) + eps)).astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+ALPHA_UPDATES = ("adam", "layer")
+
+
 def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.0,
-         select_every: int = 1) -> optax.GradientTransformation:
+         select_every: int = 1, alpha_update: str = "adam",
+         lr: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
   """tx with an l1 penalty on alpha before it and alpha's updates x `alpha_lr` after it.
+
+  `alpha_update` 'adam' leaves alpha to tx (per-coordinate Adam: every alpha moves about
+  lr per step, noise or not); 'layer' takes alpha out of tx and steps it by its gradient
+  divided by the RMS of its layer's P entries, with momentum 0.9, at learning rate `lr`
+  (tx's): each diagonal moves in proportion to its share of the layer's signal.
 
   `select_every` n > 1 holds alpha's updates back and applies their sum every n steps
   (optax.apply_every), so the top-K selection can change only every n steps: flicker
@@ -54,8 +74,18 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
     raise ValueError(f"alpha_lr must be > 0, got {alpha_lr}")
   if int(select_every) != select_every or select_every < 1:
     raise ValueError(f"select_every must be an integer >= 1, got {select_every}")
+  if alpha_update not in ALPHA_UPDATES:
+    raise ValueError(f"unknown alpha_update {alpha_update!r}; choose one of {ALPHA_UPDATES}")
   parts = [optax.masked(add_l1(l1), alpha_mask)] if l1 else []
-  parts.append(tx)
+  if alpha_update == "adam":
+    parts.append(tx)
+  else:
+    if lr is None:
+      raise ValueError("alpha_update='layer' needs the learning rate `lr`")
+    not_alpha = lambda p: jax.tree.map(lambda m: not m, alpha_mask(p))
+    parts.append(optax.masked(tx, not_alpha))
+    parts.append(optax.masked(optax.chain(scale_by_leaf_rms(), optax.trace(0.9),
+                                          optax.scale_by_learning_rate(lr)), alpha_mask))
   if alpha_lr != 1.0:
     parts.append(optax.masked(optax.scale(alpha_lr), alpha_mask))
   if select_every > 1:

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -89,3 +90,26 @@ def test_select_every_applies_the_sum_of_alpha_updates_every_n_steps(rng):
   for bad in (0, 2.5):
     with pytest.raises(ValueError, match="select_every"):
       optim.wrap(base, select_every=bad)
+
+
+def test_alpha_update_layer_steps_alpha_by_its_layer_normalized_gradient(rng):
+  p = _params(rng)
+  base = optax.adam(0.1)
+  tx = optim.wrap(base, alpha_update="layer", lr=0.5, alpha_lr=2.0)
+  st = tx.init(p)
+  g1, g2 = (jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+            for _ in range(2))
+  u1, st = tx.update(g1, st, p)
+  u2, st = tx.update(g2, st, p)
+  n = lambda g: g / np.sqrt(np.mean(np.square(np.asarray(g))))
+  a1, a2 = n(g1["l"]["alpha"]), n(g2["l"]["alpha"])
+  chex.assert_trees_all_close(u1["l"]["alpha"], -0.5 * 2.0 * a1, rtol=1e-5)
+  chex.assert_trees_all_close(u2["l"]["alpha"], -0.5 * 2.0 * (0.9 * a1 + a2), rtol=1e-5)
+  # every other leaf as base alone (Adam's state sees no alpha)
+  r1, rst = base.update(g1, base.init(p), p)
+  r2, _ = base.update(g2, rst, p)
+  chex.assert_trees_all_close((u2["l"]["values"], u2["d"]), (r2["l"]["values"], r2["d"]))
+  with pytest.raises(ValueError, match="alpha_update"):
+    optim.wrap(base, alpha_update="sgd", lr=0.1)
+  with pytest.raises(ValueError, match="needs the learning rate"):
+    optim.wrap(base, alpha_update="layer")

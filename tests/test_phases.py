@@ -169,3 +169,15 @@ def test_freeze_drops_the_held_alpha_updates_of_select_every(rng):
   assert "alpha" not in str(jax.tree_util.tree_structure(st2))
   u, _ = tx.update(jax.tree.map(jnp.ones_like, v2["params"]), st2, v2["params"])
   chex.assert_trees_all_equal_structs(u, v2["params"])
+
+
+def test_freeze_remaps_the_state_of_alpha_update_layer(rng):
+  net, x, v = _setup(rng)
+  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), alpha_update="layer", lr=1e-3)
+  st = tx.init(v["params"])
+  grads = jax.grad(lambda p: net.apply({**v, "params": p}, x).sum())(v["params"])
+  _, st = tx.update(grads, st, v["params"])
+  v2, st2 = dd.freeze(v, st)
+  assert "alpha" not in str(jax.tree_util.tree_structure(st2))
+  u, _ = tx.update(jax.tree.map(jnp.ones_like, v2["params"]), st2, v2["params"])
+  chex.assert_trees_all_equal_structs(u, v2["params"])

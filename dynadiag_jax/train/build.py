@@ -159,7 +159,8 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
   if sched is None:
     return tx
   return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)),
-                       select_every=int(config.get("select_every", 1)))
+                       select_every=int(config.get("select_every", 1)),
+                       alpha_update=config.get("alpha_update", "adam"), lr=lr)
 
 
 def input_key(spec: DataSpec) -> tuple[str, str]:
