@@ -54,7 +54,7 @@ ALPHA_UPDATES = ("adam", "layer")
 
 
 def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.0,
-         select_every: int = 1, alpha_update: str = "adam",
+         select_every: int = 1, select_after: int = 0, alpha_update: str = "adam",
          lr: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
   """tx with an l1 penalty on alpha before it and alpha's updates x `alpha_lr` after it.
 
@@ -66,7 +66,9 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
   `select_every` n > 1 holds alpha's updates back and applies their sum every n steps
   (optax.apply_every), so the top-K selection can change only every n steps: flicker
   between near-tied diagonals cancels inside a window instead of swapping diagonals in
-  and out at every step. Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g.
+  and out at every step. `select_after` w > 0 zeroes alpha's updates for the first w steps
+  (tx's state, Adam's moments, still accumulates): the selection holds its random start
+  while the values train, instead of reshuffling on the noise of untrained values. Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g.
   optax.adamw) so that alpha is never decayed. The alpha terms are masked by param name
   to `alpha` (which leaves at the freeze).
   """
@@ -74,6 +76,8 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
     raise ValueError(f"alpha_lr must be > 0, got {alpha_lr}")
   if int(select_every) != select_every or select_every < 1:
     raise ValueError(f"select_every must be an integer >= 1, got {select_every}")
+  if int(select_after) != select_after or select_after < 0:
+    raise ValueError(f"select_after must be an integer >= 0, got {select_after}")
   if alpha_update not in ALPHA_UPDATES:
     raise ValueError(f"unknown alpha_update {alpha_update!r}; choose one of {ALPHA_UPDATES}")
   parts = [optax.masked(add_l1(l1), alpha_mask)] if l1 else []
@@ -88,6 +92,10 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
                                           optax.scale_by_learning_rate(lr)), alpha_mask))
   if alpha_lr != 1.0:
     parts.append(optax.masked(optax.scale(alpha_lr), alpha_mask))
+  if select_after > 0:
+    w = int(select_after)
+    parts.append(optax.masked(optax.scale_by_schedule(lambda n: (n >= w).astype(jnp.float32)),
+                              alpha_mask))
   if select_every > 1:
     parts.append(optax.masked(optax.apply_every(int(select_every)), alpha_mask))
   return parts[0] if len(parts) == 1 else optax.chain(*parts)

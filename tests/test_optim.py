@@ -113,3 +113,19 @@ def test_alpha_update_layer_steps_alpha_by_its_layer_normalized_gradient(rng):
     optim.wrap(base, alpha_update="sgd", lr=0.1)
   with pytest.raises(ValueError, match="needs the learning rate"):
     optim.wrap(base, alpha_update="layer")
+
+
+def test_select_after_zeroes_alpha_updates_while_adam_state_accumulates(rng):
+  p = _params(rng)
+  base = optax.adam(0.1)
+  tx, ref = optim.wrap(base, select_after=2), base
+  st, st_ref = tx.init(p), ref.init(p)
+  for i in range(4):
+    g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+    u, st = tx.update(g, st, p)
+    u_ref, st_ref = ref.update(g, st_ref, p)
+    want = jnp.zeros(6) if i < 2 else u_ref["l"]["alpha"]  # step 2 on: Adam's, with its history
+    chex.assert_trees_all_close(u["l"]["alpha"], want, rtol=1e-6)
+    chex.assert_trees_all_close((u["l"]["values"], u["d"]), (u_ref["l"]["values"], u_ref["d"]))
+  with pytest.raises(ValueError, match="select_after"):
+    optim.wrap(base, select_after=-1)

@@ -161,7 +161,7 @@ def test_freeze_refuses_a_state_it_cannot_remap(rng):
 
 def test_freeze_drops_the_held_alpha_updates_of_select_every(rng):
   net, x, v = _setup(rng)
-  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), select_every=4)
+  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), select_every=4, select_after=2)
   st = tx.init(v["params"])
   grads = jax.grad(lambda p: net.apply({**v, "params": p}, x).sum())(v["params"])
   _, st = tx.update(grads, st, v["params"])

@@ -160,6 +160,7 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
     return tx
   return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)),
                        select_every=int(config.get("select_every", 1)),
+                       select_after=int(config.get("select_after", 0)),
                        alpha_update=config.get("alpha_update", "adam"), lr=lr)
 
 

@@ -44,7 +44,7 @@ MAY_CHANGE = (
 # Fields added after the first release, with the value a checkpoint saved before the field
 # existed ran with: a saved config that lacks one reads as having this value.
 IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag",
-           "static_patterns": "", "model.split_qkv": False, "select_every": 1,
+           "static_patterns": "", "model.split_qkv": False, "select_every": 1, "select_after": 0,
            "alpha_update": "adam"}
 
 
