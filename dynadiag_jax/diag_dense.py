@@ -80,7 +80,8 @@ class DiagDense(nn.Module):
   names a gate of `dynadiag_jax.gates` ('soft_topk', the paper's; 'capped_topk'; 'st_topk',
   hard forward, soft gradient: its values start at 1 / (P/K) of the soft gates' scale and
   alpha with random ties broken; 'st_topk_shadow', the same with the dense gradient on the
-  values of every active diagonal).
+  values of every active diagonal). With a hard gate alpha starts at (1 + `alpha_spread` u) / P,
+  u ~ U[0, 1): the spread is how firmly the random start holds against alpha's first updates.
   """
   features: int
   sparsity: float = 0.9
@@ -99,6 +100,7 @@ class DiagDense(nn.Module):
   level: float = 1.0
   k_start_fraction: float = 1.0
   temperature: Any = DEFAULT_TEMPERATURE
+  alpha_spread: float = 1e-3
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -122,7 +124,7 @@ class DiagDense(nn.Module):
       if self.alpha_init is not None:
         alpha_init = self.alpha_init
       elif self.gate in gates.HARD:  # equal alphas would keep the lowest K offsets
-        alpha_init = tie_break_init(p)
+        alpha_init = tie_break_init(p, self.alpha_spread)
       else:
         alpha_init = nn.initializers.constant(1.0 / p)
       alpha_P = self.param("alpha", alpha_init, (p,), self.param_dtype)

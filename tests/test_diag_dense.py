@@ -191,3 +191,15 @@ def test_one_default_gate_everywhere():
     assert inspect.signature(fn).parameters["gate"].default == gates.DEFAULT
   v = dd.DiagDense(8, sparsity=0.75).init(jax.random.PRNGKey(0), jnp.ones((1, 8)))
   assert len(np.unique(np.asarray(v["params"]["alpha"]))) == 8  # a hard gate's tie-break init
+
+
+def test_alpha_spread_sets_the_hard_gates_initial_alpha_range(rng):
+  x = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
+  p = pattern.num_diagonals(32, 16, 1)
+  for spread in (1e-3, 0.5):
+    f = dd.LayerFactory.from_dict({"l": 0.8}, gate="st_topk_shadow", alpha_spread=spread)
+    a = np.asarray(f("l", 16).init(jax.random.PRNGKey(1), x)["params"]["alpha"])
+    assert a.min() >= 1.0 / p and a.max() < (1.0 + spread) / p
+    assert a.max() - a.min() > 0.5 * spread / p  # P uniform draws span most of the range
+  soft = dd.DiagDense(16, sparsity=0.8, gate="soft_topk", alpha_spread=0.5)
+  np.testing.assert_array_equal(soft.init(jax.random.PRNGKey(1), x)["params"]["alpha"], 1.0 / p)

@@ -94,7 +94,8 @@ def build_model(config: ml_collections.ConfigDict,
   diag = sp if methods.diag_dense(config) else {}  # mask methods: nn.Dense, masked by tx
   factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
                                       kernel_config=kernel_config(config),
-                                      gate=config.get("gate", dd.gates.DEFAULT))
+                                      gate=config.get("gate", dd.gates.DEFAULT),
+                                      alpha_spread=float(config.get("alpha_spread", 1e-3)))
   return models.build(model_config(config, spec), factory), sp
 
 
