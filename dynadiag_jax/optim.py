@@ -68,9 +68,11 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
   between near-tied diagonals cancels inside a window instead of swapping diagonals in
   and out at every step. `select_after` w > 0 zeroes alpha's updates for the first w steps
   (tx's state, Adam's moments, still accumulates): the selection holds its random start
-  while the values train, instead of reshuffling on the noise of untrained values. Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g.
-  optax.adamw) so that alpha is never decayed. The alpha terms are masked by param name
-  to `alpha` (which leaves at the freeze).
+  while the values train, instead of reshuffling on the noise of untrained values.
+
+  Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g. optax.adamw) so that
+  alpha is never decayed. The alpha terms are masked by param name to `alpha` (which
+  leaves at the freeze).
   """
   if alpha_lr <= 0:
     raise ValueError(f"alpha_lr must be > 0, got {alpha_lr}")

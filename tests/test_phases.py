@@ -132,17 +132,23 @@ def test_advance_after_the_last_step_freezes_a_run_that_explores_to_the_end(rng)
   chex.assert_trees_all_close(net.apply(v, x), y, atol=1e-5, rtol=1e-5)
 
 
-def test_freeze_remaps_chained_and_masked_states_by_exact_path(rng):
+def _step_and_freeze(rng, tx):
+  """(v, opt state, frozen v, frozen opt state) after one step of tx; no alpha state left."""
   net, x, v = _setup(rng)
-  not_alpha = lambda p: jax.tree.map(lambda m: not m, dd.optim.alpha_mask(p))
-  tx = optax.chain(optax.masked(optax.trace(0.9), not_alpha),  # MaskedNode at alpha
-                   optax.inject_hyperparams(optax.adamw)(1e-3, mask=dd.optim.decay_mask))
-  tx = dd.optim.wrap(tx, l1=1e-3)
   st = tx.init(v["params"])
   grads = jax.grad(lambda p: net.apply({**v, "params": p}, x).sum())(v["params"])
   _, st = tx.update(grads, st, v["params"])
   v2, st2 = dd.freeze(v, st)
   assert "alpha" not in str(jax.tree_util.tree_structure(st2))
+  return v, st, v2, st2
+
+
+def test_freeze_remaps_chained_and_masked_states_by_exact_path(rng):
+  not_alpha = lambda p: jax.tree.map(lambda m: not m, dd.optim.alpha_mask(p))
+  tx = optax.chain(optax.masked(optax.trace(0.9), not_alpha),  # MaskedNode at alpha
+                   optax.inject_hyperparams(optax.adamw)(1e-3, mask=dd.optim.decay_mask))
+  tx = dd.optim.wrap(tx, l1=1e-3)
+  v, st, v2, st2 = _step_and_freeze(rng, tx)
   # the frozen state steps with the frozen params; trace's momentum was gathered by row
   _, st3 = tx.update(jax.tree.map(jnp.zeros_like, v2["params"]), st2, v2["params"])
   o = np.asarray(v2["dynadiag"]["blk"]["a"]["offsets"])
@@ -159,25 +165,10 @@ def test_freeze_refuses_a_state_it_cannot_remap(rng):
     dd.freeze(v, st)
 
 
-def test_freeze_drops_the_held_alpha_updates_of_select_every(rng):
-  net, x, v = _setup(rng)
-  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), select_every=4, select_after=2)
-  st = tx.init(v["params"])
-  grads = jax.grad(lambda p: net.apply({**v, "params": p}, x).sum())(v["params"])
-  _, st = tx.update(grads, st, v["params"])
-  v2, st2 = dd.freeze(v, st)
-  assert "alpha" not in str(jax.tree_util.tree_structure(st2))
-  u, _ = tx.update(jax.tree.map(jnp.ones_like, v2["params"]), st2, v2["params"])
-  chex.assert_trees_all_equal_structs(u, v2["params"])
-
-
-def test_freeze_remaps_the_state_of_alpha_update_layer(rng):
-  net, x, v = _setup(rng)
-  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), alpha_update="layer", lr=1e-3)
-  st = tx.init(v["params"])
-  grads = jax.grad(lambda p: net.apply({**v, "params": p}, x).sum())(v["params"])
-  _, st = tx.update(grads, st, v["params"])
-  v2, st2 = dd.freeze(v, st)
-  assert "alpha" not in str(jax.tree_util.tree_structure(st2))
+@pytest.mark.parametrize("kw", [dict(select_every=4, select_after=2),
+                                dict(alpha_update="layer", lr=1e-3)])
+def test_freeze_remaps_the_states_of_the_selection_knobs(kw, rng):
+  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), **kw)
+  _, _, v2, st2 = _step_and_freeze(rng, tx)
   u, _ = tx.update(jax.tree.map(jnp.ones_like, v2["params"]), st2, v2["params"])
   chex.assert_trees_all_equal_structs(u, v2["params"])
