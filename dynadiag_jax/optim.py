@@ -39,6 +39,18 @@ def add_l1(strength: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def held_alpha_mask(names: tuple[str, ...]):
+  """mask(params): True on the `alpha` leaves of layers whose path has a key in `names`."""
+  names = tuple(str(n) for n in names)
+
+  def mask(params: Any) -> Any:
+    held = lambda path: any(str(getattr(k, "key", getattr(k, "name", k))) in names for k in path)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: _last_key(p) == ALPHA and held(p[:-1]), params)
+
+  return mask
+
+
 def scale_by_leaf_rms(eps: float = 1e-12) -> optax.GradientTransformation:
   """Divides each leaf by the root mean square of its entries (one scale per layer's alpha)."""
 
@@ -55,7 +67,8 @@ ALPHA_UPDATES = ("adam", "layer")
 
 def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.0,
          select_every: int = 1, select_after: int = 0, alpha_update: str = "adam",
-         lr: optax.ScalarOrSchedule | None = None) -> optax.GradientTransformation:
+         lr: optax.ScalarOrSchedule | None = None,
+         hold: tuple[str, ...] = ()) -> optax.GradientTransformation:
   """tx with an l1 penalty on alpha before it and alpha's updates x `alpha_lr` after it.
 
   `alpha_update` 'adam' leaves alpha to tx (per-coordinate Adam: every alpha moves about
@@ -69,6 +82,9 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
   and out at every step. `select_after` w > 0 zeroes alpha's updates for the first w steps
   (tx's state, Adam's moments, still accumulates): the selection holds its random start
   while the values train, instead of reshuffling on the noise of untrained values.
+  `hold` names layers (any key of the param path, e.g. a role 'qkv' or 'attn_out') whose
+  alpha never moves: their selection stays the random start (static random diagonals)
+  while the other layers learn theirs.
 
   Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g. optax.adamw) so that
   alpha is never decayed. The alpha terms are masked by param name to `alpha` (which
@@ -82,6 +98,8 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
     raise ValueError(f"select_after must be an integer >= 0, got {select_after}")
   if alpha_update not in ALPHA_UPDATES:
     raise ValueError(f"unknown alpha_update {alpha_update!r}; choose one of {ALPHA_UPDATES}")
+  if isinstance(hold, str) or not all(isinstance(n, str) and n for n in hold):
+    raise ValueError(f"hold must be a tuple of layer names, got {hold!r}")
   parts = [optax.masked(add_l1(l1), alpha_mask)] if l1 else []
   if alpha_update == "adam":
     parts.append(tx)
@@ -100,4 +118,6 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
                               alpha_mask))
   if select_every > 1:
     parts.append(optax.masked(optax.apply_every(int(select_every)), alpha_mask))
+  if hold:
+    parts.append(optax.masked(optax.set_to_zero(), held_alpha_mask(tuple(hold))))
   return parts[0] if len(parts) == 1 else optax.chain(*parts)

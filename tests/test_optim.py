@@ -129,3 +129,23 @@ def test_select_after_zeroes_alpha_updates_while_adam_state_accumulates(rng):
     chex.assert_trees_all_close((u["l"]["values"], u["d"]), (u_ref["l"]["values"], u_ref["d"]))
   with pytest.raises(ValueError, match="select_after"):
     optim.wrap(base, select_after=-1)
+
+
+def test_hold_zeroes_alpha_updates_of_the_named_layers_only(rng):
+  p = {**_params(rng), "attn_out": {"alpha": jnp.ones(5), "values": jnp.ones((5, 3))}}
+  assert optim.held_alpha_mask(("attn_out",))(p) == {
+      "l": {"alpha": False, "values": False, "bias": False}, "d": {"kernel": False},
+      "attn_out": {"alpha": True, "values": False}}
+  base = optax.adam(0.1)
+  tx = optim.wrap(base, hold=("attn_out",))
+  st, st_ref = tx.init(p), base.init(p)
+  g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), p)
+  u, _ = tx.update(g, st, p)
+  u_ref, _ = base.update(g, st_ref, p)
+  chex.assert_trees_all_close(u["attn_out"]["alpha"], jnp.zeros(5))
+  assert float(jnp.abs(u_ref["attn_out"]["alpha"]).min()) > 0  # the hold is what zeroes it
+  chex.assert_trees_all_close((u["l"], u["d"], u["attn_out"]["values"]),
+                              (u_ref["l"], u_ref["d"], u_ref["attn_out"]["values"]))
+  for bad in ("attn_out", ("",), (3,)):
+    with pytest.raises(ValueError, match="hold"):
+      optim.wrap(base, hold=bad)

@@ -166,7 +166,7 @@ def test_freeze_refuses_a_state_it_cannot_remap(rng):
 
 
 @pytest.mark.parametrize("kw", [dict(select_every=4, select_after=2),
-                                dict(alpha_update="layer", lr=1e-3)])
+                                dict(alpha_update="layer", lr=1e-3), dict(hold=("a",))])
 def test_freeze_remaps_the_states_of_the_selection_knobs(kw, rng):
   tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), **kw)
   _, _, v2, st2 = _step_and_freeze(rng, tx)

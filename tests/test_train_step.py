@@ -66,3 +66,27 @@ def test_kernel_settings_reach_the_layers():
   c.backend = "nope"
   with pytest.raises(ValueError, match="unknown diag_matmul backend"):
     build.configure_backend(c)
+
+
+def test_hold_alpha_keeps_the_named_layers_selection_while_the_others_learn(rng):
+  c = digits_mlp.get_config()
+  c.total_steps, c.hold_alpha = 10, ("fc1",)
+  spec = build.DataSpec("image", (8, 8, 1), 10, 1437)
+  model, _ = build.build_model(c, spec)
+  sched = build.build_schedule(c, 10)
+  tx = build.build_optimizer(c, 10, sched)
+  host = state.advance(state.create(model, tx, spec.dummy_input(), 0, step.FAST_COMPILE), sched, 0)
+  devs = jax.local_devices()[:1]
+  p_train = step.make_train_step(model, tx, sched, spec, 0.0, step.FAST_COMPILE)
+  batch = {"image": rng.normal(size=(1, 8, 8, 8, 1)).astype(np.float32),
+           "label": rng.integers(0, 10, (1, 8)).astype(np.int32)}
+  r, _ = p_train(state.replicate(host, devs), state.shard(batch, devs))
+  r, _ = p_train(r, state.shard(batch, devs))
+  out = state.unreplicate(r)
+  a0, a1 = host.params["fc1"]["alpha"], out.params["fc1"]["alpha"]
+  np.testing.assert_array_equal(a1, a0)  # held: the random start
+  assert not np.array_equal(out.params["fc2"]["alpha"], host.params["fc2"]["alpha"])
+  assert not np.array_equal(out.params["fc1"]["values"], host.params["fc1"]["values"])
+  c.hold_alpha = ("fc9",)
+  with pytest.raises(ValueError, match="not sparse layers"):
+    build.build_optimizer(c, 10, sched)

@@ -159,10 +159,15 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   if sched is None:
     return tx
+  hold = tuple(config.get("hold_alpha", ()) or ())
+  unknown = sorted(set(hold) - set(sparse_layers(config)))
+  if unknown:
+    raise ValueError(f"config.hold_alpha names {unknown}, which are not sparse layers of this "
+                     f"run; its sparse layers are {list(sparse_layers(config))}")
   return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)),
                        select_every=int(config.get("select_every", 1)),
                        select_after=int(config.get("select_after", 0)),
-                       alpha_update=config.get("alpha_update", "adam"), lr=lr)
+                       alpha_update=config.get("alpha_update", "adam"), lr=lr, hold=hold)
 
 
 def input_key(spec: DataSpec) -> tuple[str, str]:

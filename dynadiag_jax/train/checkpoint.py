@@ -45,7 +45,8 @@ MAY_CHANGE = (
 # existed ran with: a saved config that lacks one reads as having this value.
 IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag",
            "static_patterns": "", "model.split_qkv": False, "select_every": 1, "select_after": 0,
-           "alpha_spread": 1e-3, "alpha_update": "adam"}
+           "alpha_spread": 1e-3, "alpha_update": "adam",
+           "hold_alpha": ()}
 
 
 class CheckpointError(RuntimeError):
