@@ -111,6 +111,7 @@ def base() -> ml_collections.ConfigDict:
   c.alpha_update = "adam"  # 'adam' (per coordinate, as every param) | 'layer' (gradient / its layer's RMS, momentum)
   c.alpha_spread = 1e-3  # hard gates: alpha starts at (1 + spread * U[0, 1)) / P (how firmly the random start holds)
   c.select_after = 0  # alpha's updates are zeroed for this many steps: the selection holds its random start
+  c.shadow_init = "random"  # 'zero': st_topk_shadow's candidates (outside the initial top-K) start at zero values
   c.hold_alpha = ()  # sparse layer roles whose alpha never moves: random diagonals held, the others learned
   c.select_every = 1  # alpha's updates are applied (summed) every n steps: the top-K can change only then
   c.schedule = ml_collections.ConfigDict({

@@ -63,6 +63,20 @@ def tie_break_init(p: int, spread: float = 1e-3) -> nn.initializers.Initializer:
   return init
 
 
+SHADOW_INITS = ("random", "zero")
+
+
+def _zero_outside_topk(init: nn.initializers.Initializer, alpha_P: jax.Array,
+                       k: int) -> nn.initializers.Initializer:
+  """`init` with the rows of every diagonal outside the top-k of alpha_P set to zero."""
+
+  def zeroed(key, shape, dtype=jnp.float32):
+    keep_P = jnp.zeros(alpha_P.shape[0], bool).at[gates.topk_indices(alpha_P, k)].set(True)
+    return init(key, shape, dtype) * keep_P.reshape((-1,) + (1,) * (len(shape) - 1)).astype(dtype)
+
+  return zeroed
+
+
 class DiagDense(nn.Module):
   """y = x @ W + b with W a sum of K selected wrapped (block-)diagonals (docs/DESIGN.md 2, 3, 8).
 
@@ -82,6 +96,9 @@ class DiagDense(nn.Module):
   alpha with random ties broken; 'st_topk_shadow', the same with the dense gradient on the
   values of every active diagonal). With a hard gate alpha starts at (1 + `alpha_spread` u) / P,
   u ~ U[0, 1): the spread is how firmly the random start holds against alpha's first updates.
+  `shadow_init` 'zero' (gate 'st_topk_shadow' only) starts the values of the diagonals
+  outside alpha's initial top-K at zero: a candidate's values are then only what its shadow
+  gradient taught it, and swapping it in adds that instead of an untrained random diagonal.
   """
   features: int
   sparsity: float = 0.9
@@ -101,6 +118,7 @@ class DiagDense(nn.Module):
   k_start_fraction: float = 1.0
   temperature: Any = DEFAULT_TEMPERATURE
   alpha_spread: float = 1e-3
+  shadow_init: str = "random"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -128,8 +146,10 @@ class DiagDense(nn.Module):
       else:
         alpha_init = nn.initializers.constant(1.0 / p)
       alpha_P = self.param("alpha", alpha_init, (p,), self.param_dtype)
-      values = self.param("values", self._values_init(geo, k), geo.values_shape(p),
-                          self.param_dtype)
+      values_init = self._values_init(geo, k)
+      if self._zero_shadow():
+        values_init = _zero_outside_topk(values_init, alpha_P, k)
+      values = self.param("values", values_init, geo.values_shape(p), self.param_dtype)
       self.variable(COLLECTION, "k", lambda: jnp.asarray(k, jnp.int32))
       self.variable(COLLECTION, "in_features", lambda: jnp.asarray(m, jnp.int32))
       k_active = schedules.k_active(p, k, self.level, self.k_start_fraction)
@@ -159,6 +179,14 @@ class DiagDense(nn.Module):
     if self.fit_block:
       return pattern.largest_block(m, n, self.block)
     return pattern.check_block(m, n, self.block, self.name or "")
+
+  def _zero_shadow(self) -> bool:
+    if self.shadow_init not in SHADOW_INITS:
+      raise ValueError(f"unknown shadow_init {self.shadow_init!r}; choose one of {SHADOW_INITS}")
+    if self.shadow_init == "zero" and self.gate not in gates.SHADOW:
+      raise ValueError(f"shadow_init='zero' needs a shadow gate {gates.SHADOW}, got gate "
+                       f"{self.gate!r} (without shadow gradients zero values never train)")
+    return self.shadow_init == "zero"
 
   def _values_init(self, geo: Geometry, k: int) -> nn.initializers.Initializer:
     gain = gates.init_gain(self.gate, k, geo.P)

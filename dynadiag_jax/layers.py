@@ -35,6 +35,7 @@ class LayerFactory:
   k_start_fraction: float = 1.0
   temperature: Any = DEFAULT_TEMPERATURE
   alpha_spread: float = 1e-3
+  shadow_init: str = "random"
 
   @classmethod
   def from_dict(cls, sparsity: Mapping[str, float], **kw) -> "LayerFactory":
@@ -55,7 +56,8 @@ class LayerFactory:
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
                      backend=self.backend, kernel_config=self.kernel_config, gate=self.gate,
                      level=self.level, k_start_fraction=self.k_start_fraction,
-                     temperature=self.temperature, alpha_spread=self.alpha_spread, name=name)
+                     temperature=self.temperature, alpha_spread=self.alpha_spread,
+                     shadow_init=self.shadow_init, name=name)
 
 
 def factory_for(linear: LayerFactory, dtype: Any) -> LayerFactory:

@@ -95,7 +95,8 @@ def build_model(config: ml_collections.ConfigDict,
   factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
                                       kernel_config=kernel_config(config),
                                       gate=config.get("gate", dd.gates.DEFAULT),
-                                      alpha_spread=float(config.get("alpha_spread", 1e-3)))
+                                      alpha_spread=float(config.get("alpha_spread", 1e-3)),
+                                      shadow_init=config.get("shadow_init", "random"))
   return models.build(model_config(config, spec), factory), sp
 
 
