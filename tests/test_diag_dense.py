@@ -208,11 +208,11 @@ def test_alpha_spread_sets_the_hard_gates_initial_alpha_range(rng):
 def test_zero_shadow_init_keeps_the_initial_top_k_and_zeroes_the_candidates(rng):
   x = jnp.asarray(rng.normal(size=(3, 32)), jnp.float32)
   key = jax.random.PRNGKey(2)
-  mk = lambda init, block=1: dd.LayerFactory.from_dict({"l": 0.8}, shadow_init=init, block=block)
+  mk = lambda init, block: dd.LayerFactory.from_dict({"l": 0.8}, shadow_init=init,
+                                                     block=block)("l", 16)
   for block in (1, 4):
-    v0 = mk("random", block)("l", 16).init(key, x)
-    layer = mk("zero", block)("l", 16)
-    vz = layer.init(key, x)
+    dflt, layer = mk("random", block), mk("zero", block)
+    v0, vz = jax.jit(dflt.init)(key, x), jax.jit(layer.init)(key, x)
     a, k = np.asarray(vz["params"]["alpha"]), int(vz["dynadiag"]["k"])
     np.testing.assert_array_equal(a, v0["params"]["alpha"])
     top = np.sort(np.argsort(-a)[:k])
@@ -221,10 +221,11 @@ def test_zero_shadow_init_keeps_the_initial_top_k_and_zeroes_the_candidates(rng)
     np.testing.assert_array_equal(wz[top], w0[top])
     assert not wz[rest].any() and np.abs(w0[rest]).max() > 0
     # the hard forward only sees the top-K: the function at init is unchanged
-    chex.assert_trees_all_close(layer.apply(vz, x), mk("random", block)("l", 16).apply(v0, x),
+    chex.assert_trees_all_close(jax.jit(layer.apply)(vz, x), jax.jit(dflt.apply)(v0, x),
                                 atol=1e-6, rtol=1e-6)
     # the candidates' shadow gradient is what moves them off zero
-    g = jax.grad(lambda p: layer.apply({**vz, "params": p}, x).sum())(vz["params"])["values"]
+    loss = lambda p: layer.apply({**vz, "params": p}, x).sum()
+    g = jax.jit(jax.grad(loss))(vz["params"])["values"]
     assert np.abs(np.asarray(g)[rest]).max() > 0
   with pytest.raises(ValueError, match="needs a shadow gate"):
     dd.DiagDense(16, sparsity=0.8, gate="st_topk", shadow_init="zero").init(key, x)
