@@ -109,7 +109,8 @@ def config_diff(saved: Any, current: Any, may_change: tuple[str, ...] = MAY_CHAN
   """
   load = lambda c: _leaves(json.loads(c if isinstance(c, str) else config_json(c)))
   a, b = load(saved), load(current)
-  a = {**{k: v for k, v in IMPLIED.items() if k in b}, **a}
+  implied = json.loads(json.dumps(IMPLIED))  # as the saved JSON reads them: tuples are lists
+  a = {**{k: v for k, v in implied.items() if k in b}, **a}
   out = []
   for k in sorted(set(a) | set(b)):
     if any(fnmatch.fnmatchcase(k, p) for p in may_change) or a.get(k, ()) == b.get(k, ()):
