@@ -11,9 +11,12 @@ import optax
 ALPHA = "alpha"
 
 
-def _last_key(path) -> str:
-  k = path[-1] if path else None
+def _key_name(k) -> str:
   return str(getattr(k, "key", getattr(k, "name", k)))
+
+
+def _last_key(path) -> str:
+  return _key_name(path[-1] if path else None)
 
 
 def alpha_mask(params: Any) -> Any:
@@ -44,7 +47,7 @@ def held_alpha_mask(names: tuple[str, ...]):
   names = tuple(str(n) for n in names)
 
   def mask(params: Any) -> Any:
-    held = lambda path: any(str(getattr(k, "key", getattr(k, "name", k))) in names for k in path)
+    held = lambda path: any(_key_name(k) in names for k in path)
     return jax.tree_util.tree_map_with_path(
         lambda p, _: _last_key(p) == ALPHA and held(p[:-1]), params)
 

@@ -160,11 +160,11 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   if sched is None:
     return tx
-  hold = tuple(config.get("hold_alpha", ()) or ())
-  unknown = sorted(set(hold) - set(sparse_layers(config)))
+  hold, names = tuple(config.get("hold_alpha", ()) or ()), sparse_layers(config)
+  unknown = sorted(set(hold) - set(names))
   if unknown:
     raise ValueError(f"config.hold_alpha names {unknown}, which are not sparse layers of this "
-                     f"run; its sparse layers are {list(sparse_layers(config))}")
+                     f"run; its sparse layers are {list(names)}")
   return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)),
                        select_every=int(config.get("select_every", 1)),
                        select_after=int(config.get("select_after", 0)),
