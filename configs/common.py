@@ -113,6 +113,7 @@ def base() -> ml_collections.ConfigDict:
   c.select_after = 0  # alpha's updates are zeroed for this many steps: the selection holds its random start
   c.shadow_init = "random"  # 'zero': st_topk_shadow's candidates (outside the initial top-K) start at zero values
   c.hold_alpha = ()  # sparse layer roles whose alpha never moves: random diagonals held, the others learned
+  c.max_swaps = 0  # > 0: each layer's top-K changes by at most this many diagonals a step (0: no limit)
   c.select_every = 1  # alpha's updates are applied (summed) every n steps: the top-K can change only then
   c.schedule = ml_collections.ConfigDict({
       "freeze_fraction": 0.3,  # exploration share of training, then freeze

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dynadiag_jax import pattern
+
 ALPHA = "alpha"
 
 
@@ -65,13 +67,72 @@ def scale_by_leaf_rms(eps: float = 1e-12) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def _kept_mask(alpha_P: jax.Array, k: int) -> jax.Array:
+  """True on the top-k of alpha_P (the hard gates' selection, `gates.topk_indices`)."""
+  _, idx = jax.lax.top_k(alpha_P, k)
+  return jnp.zeros(alpha_P.shape, bool).at[idx].set(True)
+
+
+def _limited(a_P: jax.Array, u_P: jax.Array, k: int, max_swaps: int) -> jax.Array:
+  """u_P changed so that a_P + u_P's top-k differs from a_P's in at most `max_swaps` entries."""
+  p = a_P.shape[0]
+  if k >= p:
+    return u_P
+  a1_P = a_P + u_P
+  kept_P = _kept_mask(a_P, k)
+  s = min(max_swaps, k, p - k)
+  ninf = jnp.asarray(-jnp.inf, a1_P.dtype)
+  enter_S, ei_S = jax.lax.top_k(jnp.where(kept_P, ninf, a1_P), s)  # best outsiders, descending
+  leave_S, li_S = jax.lax.top_k(jnp.where(kept_P, -a1_P, ninf), s)  # worst insiders, ascending
+  swap_S = enter_S > -leave_S  # the i-th best outsider beats the i-th worst insider
+  sel_P = kept_P.at[li_S].set(jnp.where(swap_S, False, kept_P[li_S]))
+  sel_P = sel_P.at[ei_S].set(sel_P[ei_S] | swap_S)
+  # Outsiders of the allowed selection stay below its smallest alpha, by a margin of ~8
+  # float32 ulps so that optax.apply_updates' rounding (a + (a2 - a)) keeps the order.
+  low = jnp.min(jnp.where(sel_P, a1_P, jnp.inf))
+  cap_P = low - 1e-6 * (jnp.abs(low) + jnp.abs(a_P)) - 1e-30
+  a2_P = jnp.where(sel_P, a1_P, jnp.minimum(a1_P, cap_P))
+  return jnp.where(sel_P, u_P, a2_P - a_P)
+
+
+def limit_swaps(max_swaps: int, sparsity: dict[str, float]) -> optax.GradientTransformation:
+  """Alpha's updates projected so that each layer's top-K swaps at most `max_swaps` diagonals a step.
+
+  Of the diagonals that would enter the top-K, the `max_swaps` with the largest alpha enter
+  (each against the kept one with the smallest); the others are capped just below the new
+  selection's smallest alpha, to enter one at a time in later steps. `sparsity` maps layer
+  roles (the module name holding `alpha`) to their sparsity: K = ceil((1 - s) P), as in
+  `pattern.num_kept`. Stateless: a function of (params, updates), so pmap and resume hold.
+  """
+  if int(max_swaps) != max_swaps or max_swaps < 1:
+    raise ValueError(f"max_swaps must be an integer >= 1, got {max_swaps}")
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError("limit_swaps needs params")
+
+    def one(path, u, a):
+      if _last_key(path) != ALPHA:
+        return u
+      role = _key_name(path[-2]) if len(path) > 1 else ""
+      if role not in sparsity:
+        raise ValueError(f"limit_swaps has no sparsity for layer {role!r}; have {sorted(sparsity)}")
+      p = a.shape[0]
+      return _limited(a, u, pattern.num_kept(p, p, sparsity[role]), int(max_swaps))
+
+    return jax.tree_util.tree_map_with_path(one, updates, params), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 ALPHA_UPDATES = ("adam", "layer")
 
 
 def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.0,
          select_every: int = 1, select_after: int = 0, alpha_update: str = "adam",
          lr: optax.ScalarOrSchedule | None = None,
-         hold: tuple[str, ...] = ()) -> optax.GradientTransformation:
+         hold: tuple[str, ...] = (), max_swaps: int = 0,
+         sparsity: dict[str, float] | None = None) -> optax.GradientTransformation:
   """tx with an l1 penalty on alpha before it and alpha's updates x `alpha_lr` after it.
 
   `alpha_update` 'adam' leaves alpha to tx (per-coordinate Adam: every alpha moves about
@@ -88,6 +149,8 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
   `hold` names layers (any key of the param path, e.g. a role 'qkv' or 'attn_out') whose
   alpha never moves: their selection stays the random start (static random diagonals)
   while the other layers learn theirs.
+  `max_swaps` n > 0 lets each layer's top-K change by at most n diagonals a step
+  (`limit_swaps`; needs `sparsity`, {layer role: sparsity}); 0: no limit.
 
   Pass `decay_mask` as the `mask=` of decoupled weight decay (e.g. optax.adamw) so that
   alpha is never decayed. The alpha terms are masked by param name to `alpha` (which
@@ -103,6 +166,10 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
     raise ValueError(f"unknown alpha_update {alpha_update!r}; choose one of {ALPHA_UPDATES}")
   if isinstance(hold, str) or not all(isinstance(n, str) and n for n in hold):
     raise ValueError(f"hold must be a tuple of layer names, got {hold!r}")
+  if int(max_swaps) != max_swaps or max_swaps < 0:
+    raise ValueError(f"max_swaps must be an integer >= 0, got {max_swaps}")
+  if max_swaps and sparsity is None:
+    raise ValueError("max_swaps > 0 needs `sparsity`, {layer role: sparsity}")
   parts = [optax.masked(add_l1(l1), alpha_mask)] if l1 else []
   if alpha_update == "adam":
     parts.append(tx)
@@ -123,4 +190,6 @@ def wrap(tx: optax.GradientTransformation, l1: float = 0.0, alpha_lr: float = 1.
     parts.append(optax.masked(optax.apply_every(int(select_every)), alpha_mask))
   if hold:
     parts.append(optax.masked(optax.set_to_zero(), held_alpha_mask(tuple(hold))))
+  if max_swaps:
+    parts.append(limit_swaps(int(max_swaps), dict(sparsity)))
   return parts[0] if len(parts) == 1 else optax.chain(*parts)

@@ -149,3 +149,48 @@ def test_hold_zeroes_alpha_updates_of_the_named_layers_only(rng):
   for bad in ("attn_out", ("",), (3,)):
     with pytest.raises(ValueError, match="hold"):
       optim.wrap(base, hold=bad)
+
+
+def _top(a, k):
+  return set(np.argsort(-np.asarray(a, np.float64), kind="stable")[:k].tolist())
+
+
+@pytest.mark.parametrize("max_swaps", [1, 2])
+def test_limit_swaps_lets_at_most_n_diagonals_enter_the_top_k(rng, max_swaps):
+  p, s = 40, 0.8  # K = 8
+  k = 8
+  tx = optim.limit_swaps(max_swaps, {"l": s})
+  limited = 0
+  for _ in range(30):
+    a = jnp.asarray(rng.normal(size=p), jnp.float32)
+    u = jnp.asarray(rng.normal(size=p) * rng.choice([0.01, 0.3, 3.0]), jnp.float32)
+    params, upd = {"l": {"alpha": a, "values": jnp.ones((p, 3))}}, {"l": {"alpha": u, "values": u[:, None] * jnp.ones(3)}}
+    out, _ = tx.update(upd, tx.init(params), params)
+    new = optax.apply_updates(params, out)["l"]["alpha"]
+    before, free, got = _top(a, k), _top(a + u, k), _top(new, k)
+    entered = sorted(free - before, key=lambda i: -float((a + u)[i]))
+    assert len(got - before) == min(len(entered), max_swaps)
+    assert got - before == set(entered[:max_swaps])  # the strongest entrants first
+    left = sorted(before - free, key=lambda i: float((a + u)[i]))
+    assert before - got == set(left[:len(got - before)])  # against the weakest kept
+    kept = np.asarray(sorted(got))
+    np.testing.assert_array_equal(np.asarray(new)[kept], np.asarray(a + u)[kept])
+    chex.assert_trees_all_close(out["l"]["values"], upd["l"]["values"])  # alpha only
+    limited += len(entered) > max_swaps
+  assert limited > 5  # the draws exercised the cap, not only free updates
+
+
+def test_limit_swaps_through_wrap_and_its_errors(rng):
+  p = {"l": {"alpha": jnp.asarray(rng.normal(size=10), jnp.float32)}}
+  with pytest.raises(ValueError, match="sparsity"):
+    optim.wrap(optax.sgd(1.0), max_swaps=1)
+  for bad in (-1, 1.5):
+    with pytest.raises(ValueError, match="max_swaps"):
+      optim.wrap(optax.sgd(1.0), max_swaps=bad, sparsity={"l": 0.5})
+  tx = optim.wrap(optax.sgd(1.0), max_swaps=1, sparsity={"other": 0.5})
+  with pytest.raises(ValueError, match="no sparsity for layer 'l'"):
+    tx.update(p, tx.init(p), p)
+  tx = optim.wrap(optax.sgd(1.0), max_swaps=1, sparsity={"l": 0.5})  # K = 5
+  g = {"l": {"alpha": -jnp.asarray(rng.normal(size=10) * 10, jnp.float32)}}
+  new = optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])["l"]["alpha"]
+  assert len(_top(new, 5) - _top(p["l"]["alpha"], 5)) <= 1

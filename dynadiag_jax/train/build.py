@@ -148,8 +148,12 @@ def learning_rate(config: ml_collections.ConfigDict, steps: int,
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Schedule | None,
-                    spe: float = 0.0) -> optax.GradientTransformation:
-  """AdamW (decay off alpha, biases and norms) with clipping, l1 on alpha, alpha cut at freeze."""
+                    spe: float = 0.0,
+                    sparsity: dict[str, float] | None = None) -> optax.GradientTransformation:
+  """AdamW (decay off alpha, biases and norms) with clipping, l1 on alpha, alpha cut at freeze.
+
+  `sparsity` ({role: sparsity}, `build_model`'s) is needed with config.max_swaps > 0.
+  """
   o = config.optimizer
   if o.name != "adamw":
     raise ValueError(f"unknown optimizer {o.name!r}; only 'adamw'")
@@ -168,7 +172,8 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
   return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)),
                        select_every=int(config.get("select_every", 1)),
                        select_after=int(config.get("select_after", 0)),
-                       alpha_update=config.get("alpha_update", "adam"), lr=lr, hold=hold)
+                       alpha_update=config.get("alpha_update", "adam"), lr=lr, hold=hold,
+                       max_swaps=int(config.get("max_swaps", 0)), sparsity=sparsity)
 
 
 def input_key(spec: DataSpec) -> tuple[str, str]:

@@ -46,7 +46,7 @@ MAY_CHANGE = (
 IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag",
            "static_patterns": "", "model.split_qkv": False, "select_every": 1, "select_after": 0,
            "alpha_spread": 1e-3, "alpha_update": "adam",
-           "hold_alpha": (), "shadow_init": "random"}
+           "hold_alpha": (), "shadow_init": "random", "max_swaps": 0}
 
 
 class CheckpointError(RuntimeError):

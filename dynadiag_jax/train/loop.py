@@ -137,7 +137,7 @@ class Run:
     spe = build.steps_per_epoch(config, spec)
     diag = sparsity and methods.diag_dense(config)
     sched = build.build_schedule(config, steps) if diag else None
-    tx = build.build_optimizer(config, steps, sched, spe)
+    tx = build.build_optimizer(config, steps, sched, spe, sparsity)
     tx = methods.wrap_optimizer(config, tx, model, spec.dummy_input(), sparsity, steps)
     return cls(config, local_devices(config), source, spec, model, sparsity, steps, sched, tx,
                build.learning_rate(config, steps, spe), _compile_options(config))
