@@ -84,7 +84,8 @@ def _limited(a_P: jax.Array, u_P: jax.Array, k: int, max_swaps: int) -> jax.Arra
   ninf = jnp.asarray(-jnp.inf, a1_P.dtype)
   enter_S, ei_S = jax.lax.top_k(jnp.where(kept_P, ninf, a1_P), s)  # best outsiders, descending
   leave_S, li_S = jax.lax.top_k(jnp.where(kept_P, -a1_P, ninf), s)  # worst insiders, ascending
-  swap_S = enter_S > -leave_S  # the i-th best outsider beats the i-th worst insider
+  # The i-th best outsider beats the i-th worst insider (ties: the lower index, as top_k).
+  swap_S = (enter_S > -leave_S) | ((enter_S == -leave_S) & (ei_S < li_S))
   sel_P = kept_P.at[li_S].set(jnp.where(swap_S, False, kept_P[li_S]))
   sel_P = sel_P.at[ei_S].set(sel_P[ei_S] | swap_S)
   # Outsiders of the allowed selection stay below its smallest alpha, by a margin of ~8
@@ -92,7 +93,8 @@ def _limited(a_P: jax.Array, u_P: jax.Array, k: int, max_swaps: int) -> jax.Arra
   low = jnp.min(jnp.where(sel_P, a1_P, jnp.inf))
   cap_P = low - 1e-6 * (jnp.abs(low) + jnp.abs(a_P)) - 1e-30
   a2_P = jnp.where(sel_P, a1_P, jnp.minimum(a1_P, cap_P))
-  return jnp.where(sel_P, u_P, a2_P - a_P)
+  within = jnp.all(_kept_mask(a1_P, k) == sel_P)  # the free step keeps the limit: unchanged
+  return jnp.where(within | sel_P, u_P, a2_P - a_P)
 
 
 def limit_swaps(max_swaps: int, sparsity: dict[str, float]) -> optax.GradientTransformation:

@@ -176,6 +176,8 @@ def test_limit_swaps_lets_at_most_n_diagonals_enter_the_top_k(rng, max_swaps):
     kept = np.asarray(sorted(got))
     np.testing.assert_array_equal(np.asarray(new)[kept], np.asarray(a + u)[kept])
     chex.assert_trees_all_close(out["l"]["values"], upd["l"]["values"])  # alpha only
+    if len(entered) <= max_swaps:  # within the limit: alpha's update passes unchanged
+      np.testing.assert_array_equal(np.asarray(out["l"]["alpha"]), np.asarray(u))
     limited += len(entered) > max_swaps
   assert limited > 5  # the draws exercised the cap, not only free updates
 
@@ -194,3 +196,11 @@ def test_limit_swaps_through_wrap_and_its_errors(rng):
   g = {"l": {"alpha": -jnp.asarray(rng.normal(size=10) * 10, jnp.float32)}}
   new = optax.apply_updates(p, tx.update(g, tx.init(p), p)[0])["l"]["alpha"]
   assert len(_top(new, 5) - _top(p["l"]["alpha"], 5)) <= 1
+  tx4 = optim.limit_swaps(1, {"l": 0.5})  # P = 4, K = 2: a tie at the boundary goes as top_k's
+  a = {"l": {"alpha": jnp.asarray([0.1, 0.5, 0.4, 0.0])}}
+  u = {"l": {"alpha": jnp.asarray([0.3, 0.0, 0.0, 0.0])}}  # 0.4 ties 0.4: the lower index 0 enters
+  new = optax.apply_updates(a, tx4.update(u, tx4.init(a), a)[0])["l"]["alpha"]
+  assert _top(new, 2) == {0, 1}
+  tied = {"l": {"alpha": jnp.full(10, 0.1)}}  # a held layer (zero update) among ties: no change
+  zero = {"l": {"alpha": jnp.zeros(10)}}
+  np.testing.assert_array_equal(tx.update(zero, tx.init(tied), tied)[0]["l"]["alpha"], 0.0)
