@@ -71,7 +71,7 @@ def _zero_outside_topk(init: nn.initializers.Initializer, alpha_P: jax.Array,
   """`init` with the rows of every diagonal outside the top-k of alpha_P set to zero."""
 
   def zeroed(key, shape, dtype=jnp.float32):
-    keep_P = jnp.zeros(alpha_P.shape[0], bool).at[gates.topk_indices(alpha_P, k)].set(True)
+    keep_P = gates.topk_mask(alpha_P, k)
     return init(key, shape, dtype) * keep_P.reshape((-1,) + (1,) * (len(shape) - 1)).astype(dtype)
 
   return zeroed

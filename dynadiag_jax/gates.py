@@ -44,6 +44,11 @@ def topk_indices(alpha_P: jax.Array, k: int) -> jax.Array:
   return jnp.sort(idx).astype(jnp.int32)
 
 
+def topk_mask(alpha_P: jax.Array, k: int) -> jax.Array:
+  """True on the k largest entries of alpha (`topk_indices`' selection), as a (P,) bool mask."""
+  return jnp.zeros(alpha_P.shape, bool).at[topk_indices(alpha_P, k)].set(True)
+
+
 def st_topk(alpha_P: jax.Array, k: int, temperature: float | jax.Array) -> jax.Array:
   """Straight-through top-k: forward exactly 1 on the top-k of alpha (`topk_indices`), 0
   elsewhere; gradient to alpha that of `soft_topk` (g = hard + soft - stop_gradient(soft)).

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dynadiag_jax import pattern
+from dynadiag_jax import gates, pattern
 
 ALPHA = "alpha"
 
@@ -67,19 +67,13 @@ def scale_by_leaf_rms(eps: float = 1e-12) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
-def _kept_mask(alpha_P: jax.Array, k: int) -> jax.Array:
-  """True on the top-k of alpha_P (the hard gates' selection, `gates.topk_indices`)."""
-  _, idx = jax.lax.top_k(alpha_P, k)
-  return jnp.zeros(alpha_P.shape, bool).at[idx].set(True)
-
-
 def _limited(a_P: jax.Array, u_P: jax.Array, k: int, max_swaps: int) -> jax.Array:
   """u_P changed so that a_P + u_P's top-k differs from a_P's in at most `max_swaps` entries."""
   p = a_P.shape[0]
   if k >= p:
     return u_P
   a1_P = a_P + u_P
-  kept_P = _kept_mask(a_P, k)
+  kept_P = gates.topk_mask(a_P, k)
   s = min(max_swaps, k, p - k)
   ninf = jnp.asarray(-jnp.inf, a1_P.dtype)
   enter_S, ei_S = jax.lax.top_k(jnp.where(kept_P, ninf, a1_P), s)  # best outsiders, descending
@@ -93,7 +87,7 @@ def _limited(a_P: jax.Array, u_P: jax.Array, k: int, max_swaps: int) -> jax.Arra
   low = jnp.min(jnp.where(sel_P, a1_P, jnp.inf))
   cap_P = low - 1e-6 * (jnp.abs(low) + jnp.abs(a_P)) - 1e-30
   a2_P = jnp.where(sel_P, a1_P, jnp.minimum(a1_P, cap_P))
-  within = jnp.all(_kept_mask(a1_P, k) == sel_P)  # the free step keeps the limit: unchanged
+  within = jnp.all(gates.topk_mask(a1_P, k) == sel_P)  # the free step keeps the limit: unchanged
   return jnp.where(within | sel_P, u_P, a2_P - a_P)
 
 
