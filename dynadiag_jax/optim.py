@@ -80,8 +80,8 @@ def _limited(a_P: jax.Array, u_P: jax.Array, k: int, max_swaps: int) -> jax.Arra
   leave_S, li_S = jax.lax.top_k(jnp.where(kept_P, -a1_P, ninf), s)  # worst insiders, ascending
   # The i-th best outsider beats the i-th worst insider (ties: the lower index, as top_k).
   swap_S = (enter_S > -leave_S) | ((enter_S == -leave_S) & (ei_S < li_S))
-  sel_P = kept_P.at[li_S].set(jnp.where(swap_S, False, kept_P[li_S]))
-  sel_P = sel_P.at[ei_S].set(sel_P[ei_S] | swap_S)
+  # s <= min(k, p - k): every li is kept and every ei is not, so each pair flips on its swap.
+  sel_P = kept_P.at[li_S].set(~swap_S).at[ei_S].set(swap_S)
   # Outsiders of the allowed selection stay below its smallest alpha, by a margin of ~8
   # float32 ulps so that optax.apply_updates' rounding (a + (a2 - a)) keeps the order.
   low = jnp.min(jnp.where(sel_P, a1_P, jnp.inf))
