@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ import pytest
 import dynadiag_jax as dd
 from configs import digits_mlp
 from dynadiag_jax import methods
+from dynadiag_jax.diag_dense import COLLECTION
 from dynadiag_jax.methods import masks, records
 from dynadiag_jax.train import checkpoint, progress, train_and_evaluate
 
@@ -144,6 +146,28 @@ def test_static_diag_freezes_on_given_patterns(tmp_path):
   given.static_patterns = str(tmp_path / "missing.json")
   with pytest.raises(FileNotFoundError, match="missing.json"):
     methods.prepare(given, run.fresh_unprepared())
+
+
+def test_alpha_trace_is_exact_and_last_record_wins(tmp_path, rng):
+  """alpha.jsonl holds alpha bit-exact in float32 (near-ties stay ordered); a resumed step overwrites."""
+  layer = dd.DiagDense(24, sparsity=0.75)
+  v = layer.init(jax.random.PRNGKey(0), jnp.ones((1, 16)))
+  a = rng.standard_normal(v["params"]["alpha"].shape).astype(np.float32)
+  a[1] = np.nextafter(a[0], np.float32(np.inf))  # a tie that 7 decimals would blur
+  params = {"layer": {**v["params"], "alpha": jnp.asarray(a)}}
+  rep = lambda t: jax.tree.map(lambda x: jnp.asarray(x)[None], t)  # as pmap replicates
+  state = types.SimpleNamespace(params=rep(params), extra={COLLECTION: rep({"layer": v[COLLECTION]})},
+                                gate="st_topk_shadow")
+  records.trace(str(tmp_path), 3, state, 0.5)
+  records.trace(str(tmp_path), 4, state, 0.25)
+  state.params = rep({"layer": {**v["params"], "alpha": jnp.asarray(-a)}})
+  records.trace(str(tmp_path), 4, state, 0.125)  # step 4 again, as after a resume
+  got = records.read_trace(str(tmp_path))
+  assert [r["step"] for r in got] == [3, 4] and got[1]["temperature"] == 0.125
+  assert got[0]["layer"] == "layer" and got[0]["k"] == int(v[COLLECTION]["k"])
+  np.testing.assert_array_equal(np.asarray(got[0]["alpha"], np.float32), a)
+  np.testing.assert_array_equal(np.asarray(got[1]["alpha"], np.float32), -a)
+  assert np.float32(got[0]["alpha"][1]) > np.float32(got[0]["alpha"][0])
 
 
 def test_unknown_method_is_a_clear_error():

@@ -16,7 +16,7 @@ from dynadiag_jax import data
 from dynadiag_jax.diag_dense import COLLECTION
 
 PREDICTIONS = "correct.npy"  # bool (num_test,) images / (num_test x tokens,) text
-TRACE = "alpha.jsonl"  # {step, layer, temperature, k, alpha}: one exploring layer
+TRACE = "alpha.jsonl"  # {step, layer, temperature, k, alpha (float32, exact)}: one exploring layer
 PATTERNS = "patterns.json"  # {layer: {m, n, block, offsets}} of DiagDense layers
 
 
@@ -54,7 +54,7 @@ def trace(workdir: str, step: int, state: Any, temperature: float) -> None:
     p, c = p[k], c[k]
   rec = {"step": int(step), "layer": "/".join(path), "temperature": float(temperature),
          "k": int(first(c["k"])), "gate": str(getattr(state, "gate", dd.gates.DEFAULT)),
-         "alpha": first(p["alpha"]).astype(float).round(7).tolist()}
+         "alpha": [float(str(a)) for a in first(p["alpha"]).astype(np.float32)]}  # exact
   with open(os.path.join(workdir, TRACE), "a") as f:
     f.write(json.dumps(rec) + "\n")
 
