@@ -262,3 +262,20 @@ def test_attention_core_matches_float64(causal):
   qkv = np.random.default_rng(7).normal(size=(2, 9, 3, 3, 4)).astype(np.float32)
   got = jax.jit(attention.core, static_argnums=1)(qkv, causal)
   np.testing.assert_allclose(np.asarray(got), _attention_np(qkv, causal), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_permute_is_a_fixed_reordering_of_each_linears_inputs(rng):
+  """permute=True equals the plain MLP with each kernel's input rows permuted alike, in every run."""
+  from dynadiag_jax.models.mlp import MLP, unit_permutation
+  x = jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32)
+  plain, perm = MLP(hidden=(16, 8), num_classes=6), MLP(hidden=(16, 8), num_classes=6, permute=True)
+  v = plain.init(jax.random.key(int(rng.integers(1 << 30))), x)
+  w = jax.tree.map(lambda a: a, v)
+  for i, role in enumerate(("fc1", "fc2", "head")):
+    k = np.asarray(v["params"][role]["kernel"])
+    w["params"][role]["kernel"] = jnp.asarray(k[unit_permutation(i, k.shape[0])])
+  np.testing.assert_allclose(perm.apply(w, x), plain.apply(v, x), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(perm.apply(v, x), plain.apply(v, x), atol=1e-3)
+  p = unit_permutation(0, 20)
+  assert sorted(p) == list(range(20)) and (p != np.arange(20)).any()
+  np.testing.assert_array_equal(p, unit_permutation(0, 20))  # fixed: not drawn from the run's seed
