@@ -12,7 +12,8 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from dynadiag_jax import data, gates, models
+from dynadiag_jax import data, models
+from dynadiag_jax import recipe as recipe_lib
 
 # Types of fields whose default is None ('the data set's / model's default').
 TYPES = {
@@ -69,6 +70,22 @@ def model(name: str, **fields) -> ml_collections.ConfigDict:
   return c
 
 
+def recipe(name: str = "default") -> ml_collections.ConfigDict:
+  """config.recipe: a named recipe (`recipe_lib.RECIPES`) and each of its fields, unset (None:
+  the named recipe's value) or set to override it: --config.recipe.name=paper,
+  --config.recipe.t_end=0.5. Fields come from `Recipe` itself, so a new knob needs no edit here.
+  """
+  hints = typing.get_type_hints(recipe_lib.Recipe)
+  c = ml_collections.ConfigDict({"name": name})
+  for f in recipe_lib.fields():
+    c[f] = placeholder(_hint_type(hints[f]))
+  ehints = typing.get_type_hints(recipe_lib.Experimental)
+  c.experimental = ml_collections.ConfigDict(  # research options, off by default
+      {f.name: placeholder(_hint_type(ehints[f.name]))
+       for f in dataclasses.fields(recipe_lib.Experimental)})
+  return c
+
+
 def dtype() -> ml_collections.FieldReference:
   """A model's compute dtype field: None (float32), settable as --config.model.dtype=bfloat16."""
   return placeholder(str)
@@ -93,10 +110,6 @@ def base() -> ml_collections.ConfigDict:
       "batch_tile": 0,  # rows per kernel program; 0 = automatic
       "cluster": False,  # reorder rows / columns of frozen layouts for fuller blocks
   })
-  # DiagDense gate (dynadiag_jax.gates): 'st_topk_shadow' (default: hard top-K forward, soft
-  # gradient to alpha, dense gradient to the values) | 'st_topk' | 'soft_topk' (the paper's) |
-  # 'capped_topk' (sums to K exactly)
-  c.gate = gates.DEFAULT
   c.method = "dynadiag"  # dense | dynadiag | static_diag | diagheur | diagrigl | rigl | set | gmp | nm
   c.masks = ml_collections.ConfigDict({  # mask methods (dynadiag_jax.methods)
       "every": 100,  # steps between mask updates
@@ -106,21 +119,7 @@ def base() -> ml_collections.ConfigDict:
       "group": 0,  # nm: M consecutive inputs per group (0: all inputs, constant fan-in)
   })
   c.static_patterns = ""  # static_diag: a run's patterns.json to freeze on (else random K)
-  c.l1 = 0.0  # l1 penalty on alpha
-  c.alpha_lr = 1.0  # alpha's learning rate as a multiple of optimizer.lr
-  c.alpha_update = "adam"  # 'adam' (per coordinate, as every param) | 'layer' (gradient / its layer's RMS, momentum)
-  c.alpha_spread = 1e-3  # hard gates: alpha starts at (1 + spread * U[0, 1)) / P (how firmly the random start holds)
-  c.select_after = 0  # alpha's updates are zeroed for this many steps: the selection holds its random start
-  c.shadow_init = "random"  # 'zero': st_topk_shadow's candidates (outside the initial top-K) start at zero values
-  c.hold_alpha = ()  # sparse layer roles whose alpha never moves: random diagonals held, the others learned
-  c.max_swaps = 0  # > 0: each layer's top-K changes by at most this many diagonals a step (0: no limit)
-  c.select_every = 1  # alpha's updates are applied (summed) every n steps: the top-K can change only then
-  c.schedule = ml_collections.ConfigDict({
-      "freeze_fraction": 0.3,  # exploration share of training, then freeze
-      "t_start": 5.0, "t_end": 0.05,  # cosine temperature of the soft top-k
-      "k_start_fraction": 1.0,  # K_active starts at this share of P (cosine down to K)
-      "num_levels": 5,  # K_active levels (one compile each)
-  })
+  c.recipe = recipe()  # how DynaDiag learns its diagonals (dynadiag_jax.recipe)
 
   # Optimisation.
   c.batch_size = 128  # global: per-device x devices x hosts

@@ -1,18 +1,18 @@
 """dynadiag-jax: dynamic diagonal sparse training (DynaDiag, ICML 2025) in JAX/Flax."""
 
-from dynadiag_jax import allocation, gates, ops, optim, pattern, schedules
+from dynadiag_jax import allocation, gates, ops, optim, pattern, recipe, schedules, static
 from dynadiag_jax.diag_dense import DiagDense
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.phases import advance, exploring_layers, freeze, with_phase
 from dynadiag_jax.probe import linear_calls
-from dynadiag_jax.schedules import Schedule
+from dynadiag_jax.recipe import Recipe
+from dynadiag_jax.schedules import Phase, PhaseError, Schedule
 from dynadiag_jax.summary import summarize, totals
 
 __all__ = [
-    "DiagDense", "LayerFactory", "Schedule", "advance", "allocation", "analysis",
-    "exploring_layers", "freeze",
-    "gates", "linear_calls", "ops", "optim", "pattern", "schedules", "summarize", "totals",
-    "with_phase",
+    "DiagDense", "LayerFactory", "Phase", "PhaseError", "Recipe", "Schedule", "advance",
+    "allocation", "analysis", "exploring_layers", "freeze", "gates", "linear_calls", "ops",
+    "optim", "pattern", "recipe", "schedules", "static", "summarize", "totals", "with_phase",
 ]
 
 

@@ -11,11 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax import gates, ops, pattern, schedules
+from dynadiag_jax import recipe as recipe_lib
 from dynadiag_jax.ops import KernelConfig
 from dynadiag_jax.pattern import Geometry
+from dynadiag_jax.recipe import Recipe
+from dynadiag_jax.static import StaticArray
 
 COLLECTION = "dynadiag"
-DEFAULT_TEMPERATURE = 5.0
+DEFAULT_TEMPERATURE = schedules.DEFAULT_TEMPERATURE
 _TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2]
 
 
@@ -63,42 +66,23 @@ def tie_break_init(p: int, spread: float = 1e-3) -> nn.initializers.Initializer:
   return init
 
 
-SHADOW_INITS = ("random", "zero")
-
-
-def _zero_outside_topk(init: nn.initializers.Initializer, alpha_P: jax.Array,
-                       k: int) -> nn.initializers.Initializer:
-  """`init` with the rows of every diagonal outside the top-k of alpha_P set to zero."""
-
-  def zeroed(key, shape, dtype=jnp.float32):
-    keep_P = gates.topk_mask(alpha_P, k)
-    return init(key, shape, dtype) * keep_P.reshape((-1,) + (1,) * (len(shape) - 1)).astype(dtype)
-
-  return zeroed
-
-
 class DiagDense(nn.Module):
   """y = x @ W + b with W a sum of K selected wrapped (block-)diagonals (docs/DESIGN.md 2, 3, 8).
 
   Exploring: params `alpha` (P,), `values` (P, D) or (P, D, b, b), `bias` (n,); collection
-  `dynadiag` holds `k` () and `in_features` (). The phase is configuration, not state:
-  the layer computes the top-K_active diagonals of alpha, K_active = K + round(`level` *
-  (K_start - K)) with K_start = `k_start_fraction` * P (static: a new level is a new
-  trace), gated at `temperature` (may be traced). With all P active, W is dense and the
-  layer runs one GEMM whatever the backend. `dynadiag_jax.with_phase` sets them on a model.
+  `dynadiag` holds `k` (), `in_features` () and `gate` () (the recipe's gate, as
+  `gates.code`, which the freeze folds). The phase comes from the caller
+  (`dynadiag_jax.with_phase`, any model): the layer computes the top-K_active diagonals of
+  alpha at the phase's level (static: a new level is a new trace) and temperature (may be
+  traced); with all P active, W is dense and the layer runs one GEMM whatever the backend.
+  Applied without a phase while exploring, it raises `PhaseError` (init runs every diagonal).
   Frozen (after `dynadiag_jax.freeze`): params `values` (K, D[, b, b]), `bias`; `dynadiag`
-  holds `offsets` (K,) and `in_features` ().
+  holds `offsets` (K,) and `in_features` (), static (`static.StaticArray`).
   `block` b selects b x b block-diagonals (b must divide both sides; 1 is the paper's
   method; with `fit_block` the layer takes the largest valid b up to `block`); `kernel_init`
-  describes the effective kernel (None: truncated normal of `nn.Dense`'s variance); `gate`
-  names a gate of `dynadiag_jax.gates` ('soft_topk', the paper's; 'capped_topk'; 'st_topk',
-  hard forward, soft gradient: its values start at 1 / (P/K) of the soft gates' scale and
-  alpha with random ties broken; 'st_topk_shadow', the same with the dense gradient on the
-  values of every active diagonal). With a hard gate alpha starts at (1 + `alpha_spread` u) / P,
-  u ~ U[0, 1): the spread is how firmly the random start holds against alpha's first updates.
-  `shadow_init` 'zero' (gate 'st_topk_shadow' only) starts the values of the diagonals
-  outside alpha's initial top-K at zero: a candidate's values are then only what its shadow
-  gradient taught it, and swapping it in adds that instead of an untrained random diagonal.
+  describes the effective kernel (None: truncated normal of `nn.Dense`'s variance);
+  `recipe` (`dynadiag_jax.recipe.Recipe`) holds the gate and the rest of how the diagonals
+  are learned. Hard gates start alpha at (1 + 1e-3 u) / P, u ~ U[0, 1) (random ties broken).
   """
   features: int
   sparsity: float = 0.9
@@ -113,52 +97,58 @@ class DiagDense(nn.Module):
   alpha_init: nn.initializers.Initializer | None = None
   backend: str = "auto"
   kernel_config: KernelConfig = KernelConfig()
-  gate: str = gates.DEFAULT
-  level: float = 1.0
-  k_start_fraction: float = 1.0
-  temperature: Any = DEFAULT_TEMPERATURE
-  alpha_spread: float = 1e-3
-  shadow_init: str = "random"
+  recipe: Recipe = recipe_lib.DEFAULT
+
+  def __post_init__(self):
+    check_settings(self.features, self.sparsity, self.block, self.backend, self.recipe,
+                   self.name)
+    super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if jnp.ndim(x) < 1:
+      raise ValueError(f"DiagDense {self._path()} takes inputs with a feature axis, got a "
+                       f"{jnp.ndim(x)}-D input of shape {jnp.shape(x)}")
     m, n = int(x.shape[-1]), int(self.features)
     if self.has_variable(COLLECTION, "in_features"):
-      self._check_frozen_width(m)
+      self._check_width(m)
     geo = Geometry(m, n, self.block_for(m))
     k = pattern.num_kept(m, n, self.sparsity, geo.block)
-    ops.check_backend_name(self.backend)
-    gate = gates.by_name(self.gate)
+    gate_name = self.recipe.gate
     cfg = self.kernel_config
     if self.precision is not None:
       cfg = dataclasses.replace(cfg, precision=self.precision)
 
     if self.has_variable(COLLECTION, "offsets"):  # frozen: a static K-diagonal layer
       o_K = self.get_variable(COLLECTION, "offsets")
+      if isinstance(o_K, StaticArray):
+        o_K = np.asarray(o_K)
       v = self.param("values", self._values_init(geo, k), geo.values_shape(o_K.shape[0]),
                      self.param_dtype)
     else:
       p = geo.P
       if self.alpha_init is not None:
         alpha_init = self.alpha_init
-      elif self.gate in gates.HARD:  # equal alphas would keep the lowest K offsets
-        alpha_init = tie_break_init(p, self.alpha_spread)
+      elif gate_name in gates.HARD:  # equal alphas would keep the lowest K offsets
+        alpha_init = tie_break_init(p)
       else:
         alpha_init = nn.initializers.constant(1.0 / p)
       alpha_P = self.param("alpha", alpha_init, (p,), self.param_dtype)
-      values_init = self._values_init(geo, k)
-      if self._zero_shadow():
-        values_init = _zero_outside_topk(values_init, alpha_P, k)
-      values = self.param("values", values_init, geo.values_shape(p), self.param_dtype)
+      values = self.param("values", self._values_init(geo, k), geo.values_shape(p),
+                          self.param_dtype)
       self.variable(COLLECTION, "k", lambda: jnp.asarray(k, jnp.int32))
       self.variable(COLLECTION, "in_features", lambda: jnp.asarray(m, jnp.int32))
-      k_active = schedules.k_active(p, k, self.level, self.k_start_fraction)
-      if pattern.is_concrete(self.temperature) and not float(np.min(self.temperature)) > 0:
-        raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-      g_P = gate(alpha_P, k, self.temperature)
+      code = self.variable(COLLECTION, "gate", lambda: jnp.asarray(gates.code(gate_name),
+                                                                   jnp.int32)).value
+      self._check_gate(code)
+      phase = self._phase()
+      k_active = schedules.k_active(p, k, phase.level, phase.k_start_fraction)
+      if pattern.is_concrete(phase.temperature) and not float(np.min(phase.temperature)) > 0:
+        raise ValueError(f"temperature must be > 0, got {phase.temperature!r}")
+      g_P = gates.by_name(gate_name)(alpha_P, k, phase.temperature)
       g_P = g_P.reshape((p,) + (1,) * (values.ndim - 1))
       gated = lambda g, v: g * v
-      if self.gate in gates.SHADOW:  # forward g * v; d/dv = dL/dW on every active diagonal
+      if gate_name in gates.SHADOW:  # forward g * v; d/dv = dL/dW on every active diagonal
         gated = lambda g, v: g * v + (1 - jax.lax.stop_gradient(g)) * (v - jax.lax.stop_gradient(v))
       if k_active == p:  # every diagonal: W is dense, one GEMM whatever the backend
         bias = self._bias(n)
@@ -178,30 +168,69 @@ class DiagDense(nn.Module):
     n = int(self.features)
     if self.fit_block:
       return pattern.largest_block(m, n, self.block)
-    return pattern.check_block(m, n, self.block, self.name or "")
+    return pattern.check_block(m, n, self.block, self._path())
 
-  def _zero_shadow(self) -> bool:
-    if self.shadow_init not in SHADOW_INITS:
-      raise ValueError(f"unknown shadow_init {self.shadow_init!r}; choose one of {SHADOW_INITS}")
-    if self.shadow_init == "zero" and self.gate not in gates.SHADOW:
-      raise ValueError(f"shadow_init='zero' needs a shadow gate {gates.SHADOW}, got gate "
-                       f"{self.gate!r} (without shadow gradients zero values never train)")
-    return self.shadow_init == "zero"
+  def _path(self) -> str:
+    """The layer's path in its model ('encoder/block_0/mlp_in'), for error messages."""
+    path = "/".join(str(p) for p in (self.scope.path if self.scope is not None else ()))
+    return repr(path or self.name or type(self).__name__)
+
+  def _phase(self) -> schedules.Phase:
+    phase = schedules.current_phase()
+    if phase is not None:
+      return phase
+    if self.is_initializing():
+      return schedules.Phase()
+    raise schedules.PhaseError(
+        f"DiagDense {self._path()} is exploring and was applied without a phase: apply the "
+        "model as dd.with_phase(model, sched.level(step), sched.temperature(step)).apply(...) "
+        "(any model), or freeze it first (dd.advance / dd.freeze)")
+
+  def _check_gate(self, code: Any) -> None:
+    if not pattern.is_concrete(code):
+      return
+    got = gates.name_of(int(np.asarray(code).reshape(-1)[0]))
+    if got != self.recipe.gate:
+      raise ValueError(f"DiagDense {self._path()} has recipe gate {self.recipe.gate!r} but its "
+                       f"variables were made with gate {got!r}: apply the model built with the "
+                       "recipe that initialised them")
 
   def _values_init(self, geo: Geometry, k: int) -> nn.initializers.Initializer:
-    gain = gates.init_gain(self.gate, k, geo.P)
+    gain = gates.init_gain(self.recipe.gate, k, geo.P)
     if self.kernel_init is None:
       return values_init(geo.m, geo.n, k, geo.block, gain)
     return effective_init(self.kernel_init, geo, k, gain)
 
-  def _check_frozen_width(self, m: int) -> None:
+  def _check_width(self, m: int) -> None:
     want = self.get_variable(COLLECTION, "in_features")
     if not pattern.is_concrete(want):
       return
     want = int(np.asarray(want).reshape(-1)[0])
     if want != m:
-      raise ValueError(f"DiagDense {self.name!r} was frozen for {want} input features, got x "
+      state = "was frozen" if self.has_variable(COLLECTION, "offsets") else "was initialised"
+      raise ValueError(f"DiagDense {self._path()} {state} for {want} input features, got x "
                        f"with {m} on its last axis")
 
   def _bias(self, n: int) -> jax.Array | None:
     return self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None
+
+
+def check_settings(features: int, sparsity: Any, block: int, backend: str, recipe: Any,
+                   name: str | None = None) -> None:
+  """Clear errors for layer settings that cannot work, raised when the layer is built."""
+  where = f"DiagDense {name!r}: " if name else ""
+  if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
+    raise ValueError(f"{where}features must be an integer >= 1, got {features!r}")
+  try:
+    pattern.check_sparsity(sparsity)
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{where}{e}") from None
+  if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
+    raise ValueError(f"{where}block must be an integer >= 1, got {block!r}")
+  try:
+    ops.check_backend_name(backend)
+  except ValueError as e:
+    raise ValueError(f"{where}{e}") from None
+  if not isinstance(recipe, Recipe):
+    raise TypeError(f"{where}recipe must be a dynadiag_jax.recipe.Recipe (e.g. "
+                    f"dd.recipe.get('paper')), got {recipe!r}")

@@ -8,9 +8,10 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dynadiag_jax import gates
-from dynadiag_jax.diag_dense import DEFAULT_TEMPERATURE, DiagDense
+from dynadiag_jax import recipe as recipe_lib
+from dynadiag_jax.diag_dense import DiagDense, check_settings
 from dynadiag_jax.ops import KernelConfig
+from dynadiag_jax.recipe import Recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,9 +21,8 @@ class LayerFactory:
   `sparsity` maps module names to a sparsity; names absent from it are `nn.Dense`.
   Models name linear layers by role ('mlp_in', 'attn_out', 'head', ...) so that one
   name covers the same-shaped layer of every block. `block` is an upper bound: each
-  DiagDense takes the largest block size up to it that divides its kernel. `level`,
-  `k_start_fraction` and `temperature` are the exploration phase every DiagDense runs in
-  (`DiagDense`; set them with `dynadiag_jax.with_phase`).
+  DiagDense takes the largest block size up to it that divides its kernel. `recipe` is
+  every DiagDense's (`dynadiag_jax.recipe`). Settings are checked when the factory is built.
   """
   sparsity: tuple[tuple[str, float], ...] = ()
   backend: str = "auto"
@@ -30,12 +30,15 @@ class LayerFactory:
   param_dtype: Any = jnp.float32
   block: int = 1
   kernel_config: KernelConfig = KernelConfig()
-  gate: str = gates.DEFAULT
-  level: float = 1.0
-  k_start_fraction: float = 1.0
-  temperature: Any = DEFAULT_TEMPERATURE
-  alpha_spread: float = 1e-3
-  shadow_init: str = "random"
+  recipe: Recipe = recipe_lib.DEFAULT
+
+  def __post_init__(self):
+    if not isinstance(self.sparsity, tuple):
+      raise TypeError(f"LayerFactory.sparsity must be a tuple of (name, sparsity) pairs (use "
+                      f"LayerFactory.from_dict), got {self.sparsity!r}")
+    check_settings(1, 0.0, self.block, self.backend, self.recipe)
+    for name, s in self.sparsity:
+      check_settings(1, s, self.block, self.backend, self.recipe, name)
 
   @classmethod
   def from_dict(cls, sparsity: Mapping[str, float], **kw) -> "LayerFactory":
@@ -54,10 +57,8 @@ class LayerFactory:
                       param_dtype=self.param_dtype, name=name, **kw)
     return DiagDense(features, sparsity=s, block=self.block, fit_block=True, use_bias=use_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
-                     backend=self.backend, kernel_config=self.kernel_config, gate=self.gate,
-                     level=self.level, k_start_fraction=self.k_start_fraction,
-                     temperature=self.temperature, alpha_spread=self.alpha_spread,
-                     shadow_init=self.shadow_init, name=name)
+                     backend=self.backend, kernel_config=self.kernel_config,
+                     recipe=self.recipe, name=name)
 
 
 def factory_for(linear: LayerFactory, dtype: Any) -> LayerFactory:

@@ -1,4 +1,4 @@
-"""The exploration phase of a model (`with_phase`) and the freeze of its variables."""
+"""The exploration phase of any model (`with_phase`) and the freeze of its variables (`advance`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynadiag_jax import gates, schedules
-from dynadiag_jax.diag_dense import COLLECTION, DEFAULT_TEMPERATURE, DiagDense
-from dynadiag_jax.layers import LayerFactory
+from dynadiag_jax import gates, schedules, static
+from dynadiag_jax.diag_dense import COLLECTION
 
 T_END = schedules.Schedule.t_end  # the temperature the default schedule freezes at
 
@@ -61,53 +60,83 @@ def _replace_at(tree, path: Path, fn):
   return out
 
 
-def with_phase(module: nn.Module, level: float = 1.0,
-               temperature: Any = DEFAULT_TEMPERATURE, k_start_fraction: float = 1.0) -> nn.Module:
-  """`module` whose exploring DiagDense layers compute the diagonals of `level` at `temperature`.
+class Phased:
+  """`module` whose `apply` runs every exploring DiagDense in `phase` (see `with_phase`)."""
 
-  `module` is a DiagDense or a model whose `linear` attribute is a `LayerFactory` (every
-  model of `dynadiag_jax.models`). `level` (from `Schedule.level(step)`) is static: a jitted
+  def __init__(self, module: nn.Module, phase: schedules.Phase):
+    self.module, self.phase = module, phase
+
+  def apply(self, variables: Mapping[str, Any], *args, **kwargs):
+    """`module.apply(variables, ...)` inside the phase."""
+    with self.phase.active():
+      return self.module.apply(variables, *args, **kwargs)
+
+  def init(self, *args, **kwargs):
+    """`module.init(...)` inside the phase."""
+    with self.phase.active():
+      return self.module.init(*args, **kwargs)
+
+  def __getattr__(self, name: str):
+    return getattr(self.module, name)
+
+
+def with_phase(module: nn.Module, level: float = 1.0,
+               temperature: Any = schedules.DEFAULT_TEMPERATURE,
+               k_start_fraction: float = 1.0) -> Phased:
+  """`module` whose exploring DiagDense layers, wherever they sit, compute the diagonals of
+  `level` at `temperature` (`schedules.Phase`).
+
+  Works for any Flax module: the phase reaches the layers through `Phase.active()`, not
+  through the module's fields. `level` (from `Schedule.level(step)`) is static: a jitted
   step takes it as a static argument and compiles once per level; `temperature` (from
-  `Schedule.temperature(step)`) may be traced. Frozen layers ignore both.
+  `Schedule.temperature(step)`) may be traced. An exploring layer applied without a phase
+  raises `PhaseError`; frozen layers ignore it.
   """
-  phase = dict(level=float(level), temperature=temperature,
-               k_start_fraction=float(k_start_fraction))
-  for name in ("level", "k_start_fraction"):
-    if not 0.0 <= phase[name] <= 1.0:
-      raise ValueError(f"{name} must lie in [0, 1], got {phase[name]}")
-  if isinstance(module, DiagDense):
-    return module.clone(**phase)
-  linear = getattr(module, "linear", None)
-  if isinstance(linear, LayerFactory):
-    return module.clone(linear=linear.replace(**phase))
-  raise TypeError(f"with_phase takes a DiagDense or a model with a LayerFactory `linear` "
-                  f"attribute, got {type(module).__name__}; build DiagDense(..., level=, "
-                  "temperature=) in your module instead")
+  if isinstance(module, Phased):
+    module = module.module
+  return Phased(module, schedules.Phase(level, temperature, k_start_fraction))
+
+
+def _check_variables(variables: Any, what: str) -> None:
+  """One clear error for a tree that is not a model's variables with a `dynadiag` collection."""
+  if not isinstance(variables, Mapping) or COLLECTION not in variables or "params" not in variables:
+    keys = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+    raise ValueError(
+        f"{what} takes the model's variables ({{'params': ..., '{COLLECTION}': ...}}, what "
+        f"model.init returns), got a tree with keys {keys}: pass "
+        f"{{'params': state.params, **extra}} with the '{COLLECTION}' collection, not the "
+        "params alone (without it the run would never freeze)")
 
 
 def advance(variables: Mapping[str, Any], opt_state: Any, sched: schedules.Schedule,
-            step: int, gate: str = gates.DEFAULT) -> tuple[dict, Any]:
+            step: int) -> tuple[dict, Any]:
   """(variables, opt_state) in the phase `sched` gives `step`: the freeze, once, at freeze_step.
 
   Call it before every step s (and once with s = total_steps after the last, which
   freezes a run whose freeze_step is its length). Before freeze_step, and once frozen,
   it returns its inputs: the level and temperature of a step are configuration
-  (`with_phase(model, sched.level(s), sched.temperature(s))`), not variables.
+  (`with_phase(model, sched.level(s), sched.temperature(s))`), not variables. The freeze
+  folds each layer's own gate (recorded at init) at the schedule's temperature.
   Un-replicated variables.
   """
+  _check_variables(variables, "advance")
   if not exploring_layers(variables) or not sched.is_frozen(step):
     return _to_dict(variables), opt_state
-  return freeze(variables, opt_state, gate, float(sched.temperature(step)))
+  return freeze(variables, opt_state, float(sched.temperature(step)))
 
 
-def _layer_choice(params: Mapping, col: Mapping, gate: str,
+def _layer_choice(params: Mapping, col: Mapping,
                   temperature: float) -> tuple[np.ndarray, jax.Array]:
-  """(kept offsets_K, gates g_P) of one exploring layer."""
+  """(kept offsets_K, gates g_P) of one exploring layer, by the gate it recorded at init."""
   alpha = jnp.asarray(params["alpha"])
   if alpha.ndim != 1:
     raise ValueError("freeze takes un-replicated variables (alpha of shape (P,)), got "
                      f"alpha of shape {alpha.shape}; unreplicate pmapped state first")
-  k = int(col["k"])
+  k = int(np.asarray(col["k"]))
+  if "gate" not in col:
+    raise ValueError("an exploring DiagDense without a recorded gate (variables made by a "
+                     "version before the recipe): re-initialise, or freeze with that version")
+  gate = gates.name_of(int(np.asarray(col["gate"])))
   g = gates.by_name(gate)(alpha.astype(jnp.float32), k, temperature)
   return np.asarray(gates.topk_indices(alpha, k)), g
 
@@ -140,7 +169,7 @@ def _leaf_paths(tree: Any) -> set[str]:
   return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def freeze(variables: Mapping[str, Any], opt_state: Any = None, gate: str = gates.DEFAULT,
+def freeze(variables: Mapping[str, Any], opt_state: Any = None,
            temperature: float = T_END) -> tuple[dict, Any]:
   """(variables, opt_state) after the freeze transition (docs/DESIGN.md section 3).
 
@@ -148,18 +177,20 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None, gate: str = gate
 
   Every exploring DiagDense keeps the top-K diagonals of alpha, folds their gates into
   `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`
-  and `in_features`.
-  `gate` names the layers' gate (DiagDense.gate), whose values are folded at `temperature`
+  and `in_features`, as `static.StaticArray`s: passed into `jax.jit` with the variables they
+  stay concrete, so the kernels run the exact layout of the pattern.
+  Each layer's gate is the one it recorded at init (its recipe's), folded at `temperature`
   (the schedule's at the freeze, its t_end; hard gates do not depend on it).
   Every subtree of `opt_state` shaped exactly like the params (Adam / SGD moments, also
   inside optax.masked, chain or inject_hyperparams) is remapped by exact param path the
   same way; any other state that holds `alpha` raises. Takes un-replicated variables; runs on the host, outside jit.
   """
+  _check_variables(variables, "freeze")
   out = _to_dict(variables)
   choice: dict[Path, np.ndarray] = {}
   for path in exploring_layers(out):
     layer = _get(out["params"], path)
-    idx, g_P = _layer_choice(layer, _get(out[COLLECTION], path), gate, temperature)
+    idx, g_P = _layer_choice(layer, _get(out[COLLECTION], path), temperature)
     choice[path] = idx
     v = layer["values"]
     g_K = g_P[idx].reshape((len(idx),) + (1,) * (v.ndim - 1))
@@ -167,8 +198,9 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None, gate: str = gate
     out = _replace_at(out, ("params",) + path, lambda d: {
         **{k: x for k, x in d.items() if k not in ("alpha", "values")}, "values": folded})
     out = _replace_at(out, (COLLECTION,) + path, lambda d: {
-        "offsets": jnp.asarray(idx, jnp.int32),
+        "offsets": np.asarray(idx, np.int32),
         **({"in_features": d["in_features"]} if "in_features" in d else {})})
+  out[COLLECTION] = static.static(out[COLLECTION])
 
   if opt_state is None:
     return out, None

@@ -45,8 +45,14 @@ class LinearCall:
 
 def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
                  **kwargs) -> list[LinearCall]:
-  """Each nn.Dense / DiagDense `model` calls on `inputs`, once per module (shapes only)."""
+  """Each nn.Dense / DiagDense `model` calls on `inputs`, once per module (shapes only).
+
+  Exploring layers count the diagonals of `model`'s phase (a `with_phase` model), else of
+  the phase in effect, else of a fresh one (every diagonal).
+  """
   seen: dict[tuple[str, ...], LinearCall] = {}
+  phase = getattr(model, "phase", None) or schedules.current_phase() or schedules.Phase()
+  model = getattr(model, "module", model)
 
   def intercept(next_fun, args, kw, ctx):
     mod = ctx.module
@@ -61,8 +67,8 @@ def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
           k = ka = int(mod.get_variable(COLLECTION, "offsets").shape[-1])
         else:
           k = pattern.num_kept(m, n, mod.sparsity, b)
-          ka = schedules.k_active(pattern.num_diagonals(m, n, b), k, mod.level,
-                                  mod.k_start_fraction)
+          ka = schedules.k_active(pattern.num_diagonals(m, n, b), k, phase.level,
+                                  phase.k_start_fraction)
         call = LinearCall(mod.path, mod.name, True, m, n, rows, mod.use_bias, k, ka, frozen, b,
                           float(mod.sparsity))
       else:
@@ -71,7 +77,7 @@ def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
       seen.setdefault(tuple(mod.path), call)
     return next_fun(*args, **kw)
 
-  with nn.intercept_methods(intercept):
+  with nn.intercept_methods(intercept), phase.active():
     if variables is None:
       jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, method=method, **kwargs))
     else:

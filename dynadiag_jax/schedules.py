@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from typing import Any, Iterator
 
 import optax
+
+DEFAULT_TEMPERATURE = 5.0  # the temperature of a phase left unset (t_start's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +74,45 @@ def k_active(p: int, k: int, level: float, k_start_fraction: float = 1.0) -> int
     raise ValueError(f"level must lie in [0, 1], got {level}")
   k_start = max(k, min(p, math.ceil(k_start_fraction * p - 1e-9)))
   return k + int(round(level * (k_start - k)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Where exploration stands: the K_active `level` (static) and the `temperature` (may be traced).
+
+  Every exploring DiagDense applied inside `with phase:` computes the top-K_active
+  diagonals of its alpha, K_active = K + round(level * (K_start - K)), K_start =
+  k_start_fraction * P, gated at `temperature`. Frozen layers ignore it.
+  """
+  level: float = 1.0
+  temperature: Any = DEFAULT_TEMPERATURE
+  k_start_fraction: float = 1.0
+
+  def __post_init__(self):
+    for name in ("level", "k_start_fraction"):
+      v = float(getattr(self, name))
+      if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {v}")
+      object.__setattr__(self, name, v)
+
+  @contextlib.contextmanager
+  def active(self) -> Iterator["Phase"]:
+    """Makes this the phase of every DiagDense applied inside the block."""
+    token = _CURRENT.set(self)
+    try:
+      yield self
+    finally:
+      _CURRENT.reset(token)
+
+
+class PhaseError(RuntimeError):
+  """An exploring DiagDense applied without a phase (see `dynadiag_jax.with_phase`)."""
+
+
+_CURRENT: contextvars.ContextVar[Phase | None] = contextvars.ContextVar("dynadiag_phase",
+                                                                        default=None)
+
+
+def current_phase() -> Phase | None:
+  """The phase set by the innermost `Phase.active()` (None outside one)."""
+  return _CURRENT.get()

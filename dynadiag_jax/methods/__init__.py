@@ -85,17 +85,16 @@ def wrap_optimizer(config: ml_collections.ConfigDict, tx: optax.GradientTransfor
                       int(config.seed))
 
 
-def prepare(config: ml_collections.ConfigDict, state: Any) -> Any:
-  """A fresh TrainState made ready for the method (static_diag: frozen on random diagonals,
-  or on the offsets of `config.static_patterns`, a run's patterns.json)."""
-  if name(config) != "static_diag" or not state.sparse:
-    return state
-  from dynadiag_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  params = jax.tree.map(np.array, state.params)  # a copy to edit
+def static_alpha(config: ml_collections.ConfigDict, variables: dict) -> dict | None:
+  """static_diag: fresh `params` whose alphas rank K random diagonals (or the offsets of
+  `config.static_patterns`, a run's patterns.json) first, for the freeze to keep; else None."""
+  if name(config) != "static_diag" or dd.diag_dense.COLLECTION not in variables:
+    return None
+  params = jax.tree.map(np.array, variables["params"])  # a copy to edit
   key = jax.random.PRNGKey(int(config.seed) ^ 0x57A71C)
   given = _load_patterns(config.get("static_patterns", ""))
-  for i, path in enumerate(dd.exploring_layers(state.variables)):
-    node, col = params, state.extra[dd.diag_dense.COLLECTION]
+  for i, path in enumerate(dd.exploring_layers(variables)):
+    node, col = params, variables[dd.diag_dense.COLLECTION]
     for k in path:
       node, col = node[k], col[k]
     p = node["alpha"].shape[0]
@@ -109,7 +108,7 @@ def prepare(config: ml_collections.ConfigDict, state: Any) -> Any:
     span = p if given is None else 2 * p
     node["alpha"] = (np.full(p, 1.0 / p) * (1.0 + 1e-3 * rank / span)).astype(
         node["alpha"].dtype)
-  return state_lib.freeze(state.replace(params=params), dd.diag_dense.DEFAULT_TEMPERATURE)
+  return params
 
 
 def _load_patterns(path: str) -> dict | None:
@@ -148,4 +147,4 @@ def stored_weights(config: ml_collections.ConfigDict, model: nn.Module, x: np.nd
 
 
 __all__ = ["DIAG_DENSE", "MASKED", "METHODS", "diag_dense", "mask_layers", "mask_schedule",
-           "masks", "name", "prepare", "stored_weights", "wrap_optimizer"]
+           "masks", "name", "static_alpha", "stored_weights", "wrap_optimizer"]

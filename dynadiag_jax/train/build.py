@@ -86,6 +86,21 @@ def configure_backend(config: ml_collections.ConfigDict) -> str:
   return dd.ops.check_backend_name(config.backend)
 
 
+def build_recipe(config: ml_collections.ConfigDict) -> dd.Recipe:
+  """config.recipe as a `Recipe`: the named one with every field that is set overriding it."""
+  rc = config.recipe
+  base = dd.recipe.get(rc.name)
+  kw = {f: rc[f] for f in dd.recipe.fields() if rc.get(f) is not None}
+  ex = {k: v for k, v in rc.get("experimental", {}).items() if v is not None}
+  hold = tuple(ex.get("hold", base.experimental.hold))
+  unknown = sorted(set(hold) - set(sparse_layers(config)))
+  if unknown:
+    raise ValueError(f"config.recipe.experimental.hold names {unknown}, which are not sparse "
+                     f"layers of this run; its sparse layers are {list(sparse_layers(config))}")
+  exp = dataclasses.replace(base.experimental, **{**ex, "hold": hold})
+  return base.replace(**kw, experimental=exp)
+
+
 def build_model(config: ml_collections.ConfigDict,
                 spec: DataSpec) -> tuple[nn.Module, dict[str, float]]:
   """(model, {role: sparsity}): config.model with its sparse layers as DiagDense."""
@@ -94,9 +109,7 @@ def build_model(config: ml_collections.ConfigDict,
   diag = sp if methods.diag_dense(config) else {}  # mask methods: nn.Dense, masked by tx
   factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
                                       kernel_config=kernel_config(config),
-                                      gate=config.get("gate", dd.gates.DEFAULT),
-                                      alpha_spread=float(config.get("alpha_spread", 1e-3)),
-                                      shadow_init=config.get("shadow_init", "random"))
+                                      recipe=build_recipe(config))
   return models.build(model_config(config, spec), factory), sp
 
 
@@ -117,10 +130,8 @@ def total_steps(config: ml_collections.ConfigDict, spec: DataSpec) -> int:
 
 
 def build_schedule(config: ml_collections.ConfigDict, steps: int) -> dd.Schedule:
-  """The DynaDiag temperature / K_active / freeze schedule over `steps` steps."""
-  s = config.schedule
-  return dd.Schedule(steps, freeze_fraction=s.freeze_fraction, t_start=s.t_start, t_end=s.t_end,
-                     k_start_fraction=s.k_start_fraction, num_levels=s.num_levels)
+  """The recipe's temperature / K_active / freeze schedule over `steps` steps."""
+  return build_recipe(config).schedule(steps)
 
 
 def learning_rate(config: ml_collections.ConfigDict, steps: int,
@@ -148,12 +159,8 @@ def learning_rate(config: ml_collections.ConfigDict, steps: int,
 
 
 def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Schedule | None,
-                    spe: float = 0.0,
-                    sparsity: dict[str, float] | None = None) -> optax.GradientTransformation:
-  """AdamW (decay off alpha, biases and norms) with clipping, l1 on alpha, alpha cut at freeze.
-
-  `sparsity` ({role: sparsity}, `build_model`'s) is needed with config.max_swaps > 0.
-  """
+                    spe: float = 0.0) -> optax.GradientTransformation:
+  """AdamW (decay off alpha, biases and norms) with clipping, and the recipe's alpha terms."""
   o = config.optimizer
   if o.name != "adamw":
     raise ValueError(f"unknown optimizer {o.name!r}; only 'adamw'")
@@ -164,16 +171,7 @@ def build_optimizer(config: ml_collections.ConfigDict, steps: int, sched: dd.Sch
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), tx)
   if sched is None:
     return tx
-  hold, names = tuple(config.get("hold_alpha", ()) or ()), sparse_layers(config)
-  unknown = sorted(set(hold) - set(names))
-  if unknown:
-    raise ValueError(f"config.hold_alpha names {unknown}, which are not sparse layers of this "
-                     f"run; its sparse layers are {list(names)}")
-  return dd.optim.wrap(tx, l1=config.l1, alpha_lr=float(config.get("alpha_lr", 1.0)),
-                       select_every=int(config.get("select_every", 1)),
-                       select_after=int(config.get("select_after", 0)),
-                       alpha_update=config.get("alpha_update", "adam"), lr=lr, hold=hold,
-                       max_swaps=int(config.get("max_swaps", 0)), sparsity=sparsity)
+  return dd.optim.wrap(tx, build_recipe(config))
 
 
 def input_key(spec: DataSpec) -> tuple[str, str]:

@@ -137,7 +137,7 @@ class Run:
     spe = build.steps_per_epoch(config, spec)
     diag = sparsity and methods.diag_dense(config)
     sched = build.build_schedule(config, steps) if diag else None
-    tx = build.build_optimizer(config, steps, sched, spe, sparsity)
+    tx = build.build_optimizer(config, steps, sched, spe)
     tx = methods.wrap_optimizer(config, tx, model, spec.dummy_input(), sparsity, steps)
     return cls(config, local_devices(config), source, spec, model, sparsity, steps, sched, tx,
                build.learning_rate(config, steps, spe), _compile_options(config))
@@ -148,23 +148,16 @@ class Run:
 
   def fresh(self) -> state_lib.TrainState:
     """The initial state, un-replicated."""
-    return methods.prepare(self.config, self.fresh_unprepared())
+    return state_lib.prepare(self.config, self.fresh_unprepared())
 
   def fresh_unprepared(self) -> state_lib.TrainState:
     """The initial state before the method's preparation (static_diag's freeze)."""
     x = self.spec.dummy_input()
-    state = state_lib.create(self.model, self.tx, x, self.config.seed, self.options)
-    return state.replace(gate=self.config.get("gate", dd.gates.DEFAULT))
+    return state_lib.create(self.model, self.tx, x, self.config.seed, self.options)
 
   def like(self, meta: dict) -> state_lib.TrainState:
     """A fresh state in the phase a checkpoint's metadata names (its restore target)."""
     return state_lib.at_phase(self.fresh(), meta["level"], meta["frozen"])
-
-  def phase_due(self, rstate: state_lib.TrainState, step: int) -> bool:
-    """Whether a K_active level change or the freeze is due before `step`."""
-    if self.sched is None or rstate.frozen:
-      return False
-    return self.sched.phase(step) != (rstate.level, False)
 
 
 def _train_record(run: Run, pending: list[dict], step: int, active: int, frozen: bool,
@@ -344,7 +337,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict |
           rep.close()
           distributed.finish()
           return None
-        if run.phase_due(rstate, step):
+        if state_lib.due(rstate, run.sched, step):
           host = state_lib.advance(state_lib.unreplicate(rstate), run.sched, step)
           if host.frozen:
             rep.event(step, "freeze")

@@ -12,6 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import dynadiag_jax as dd
+from dynadiag_jax import methods as dd_methods
 from dynadiag_jax.diag_dense import COLLECTION
 
 AXIS = "batch"  # the pmap axis
@@ -34,7 +35,6 @@ class TrainState:
   rng: Any
   level: float | None = flax.struct.field(pytree_node=False, default=None)
   frozen: bool = flax.struct.field(pytree_node=False, default=False)
-  gate: str = flax.struct.field(pytree_node=False, default=dd.gates.DEFAULT)  # folded at the freeze
 
   @property
   def variables(self) -> dict:
@@ -68,27 +68,43 @@ def create(model: nn.Module, tx: optax.GradientTransformation, x: np.ndarray, se
                     opt_state=_np_tree(tx.init(params)), rng=np.asarray(k_run, np.uint32))
 
 
-def _with_variables(state: TrainState, variables: dict, **kw) -> TrainState:
-  variables = _np_tree(variables)
+def _frozen(state: TrainState, variables: dict, opt_state: Any) -> TrainState:
+  """`state` holding the variables and optimizer state `dd.freeze` returned (plain arrays,
+  for checkpoints: the step closes over the pattern itself, `step.PatternStep`)."""
+  variables = _np_tree({**variables, COLLECTION: dd.static.arrays(variables[COLLECTION])})
   params = variables.pop("params")
-  return state.replace(params=params, extra=variables, **kw)
+  return state.replace(params=params, extra=variables, opt_state=_np_tree(opt_state),
+                       level=0.0, frozen=True)
 
 
 def freeze(state: TrainState, temperature: float = dd.phases.T_END) -> TrainState:
-  """State after the freeze transition: alpha dropped, top-K values and moments kept."""
-  v, opt = dd.freeze(state.variables, state.opt_state, state.gate, temperature)
-  return _with_variables(state, v, opt_state=_np_tree(opt), level=0.0, frozen=True)
+  """State after the freeze transition (`dd.freeze`): alpha dropped, top-K values and moments kept."""
+  return _frozen(state, *dd.freeze(state.variables, state.opt_state, temperature))
 
 
-def advance(state: TrainState, sched: dd.Schedule, step: int) -> TrainState:
-  """The phase changes due before running `step`: the level, or the freeze (`dd.advance`)."""
-  if not state.sparse or state.frozen or (state.level, False) == sched.phase(step):
+def prepare(config: Any, state: TrainState) -> TrainState:
+  """A fresh state made ready for the run's method (static_diag: frozen on its diagonals)."""
+  params = dd_methods.static_alpha(config, state.variables)
+  if params is None:
+    return state
+  return freeze(state.replace(params=params), dd.schedules.DEFAULT_TEMPERATURE)
+
+
+def due(state: TrainState, sched: dd.Schedule | None, step: int) -> bool:
+  """Whether a K_active level change or the freeze is due before running `step`."""
+  if sched is None or not state.sparse or state.frozen:
+    return False
+  return sched.phase(step) != (state.level, False)
+
+
+def advance(state: TrainState, sched: dd.Schedule | None, step: int) -> TrainState:
+  """`state` in the phase of `step`: its K_active level, or frozen (`dd.advance`, the one freeze)."""
+  if not due(state, sched, step):
     return state
   level, frozen = sched.phase(step)
   if not frozen:
     return state.replace(level=level)
-  v, opt = dd.advance(state.variables, state.opt_state, sched, step, gate=state.gate)
-  return _with_variables(state, v, opt_state=_np_tree(opt), level=0.0, frozen=True)
+  return _frozen(state, *dd.advance(state.variables, state.opt_state, sched, step))
 
 
 def at_phase(state: TrainState, level: float | None, frozen: bool) -> TrainState:
@@ -101,7 +117,7 @@ def at_phase(state: TrainState, level: float | None, frozen: bool) -> TrainState
 
 
 def model_at(model: nn.Module, state: TrainState, sched: dd.Schedule | None,
-             temperature: Any = dd.diag_dense.DEFAULT_TEMPERATURE) -> nn.Module:
+             temperature: Any = dd.schedules.DEFAULT_TEMPERATURE) -> Any:
   """`model` in the exploration phase of `state` (its level) at `temperature`."""
   if not state.sparse or state.frozen or sched is None:
     return model
