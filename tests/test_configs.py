@@ -50,7 +50,8 @@ def test_config_fields(name):
   assert c.sparse and c.sparsity == 0.9
   assert c.allocation in ("uniform", "erk", "compute_fraction")
   assert c.backend in ("auto", "dense", "pallas")
-  assert 0 < c.schedule.freeze_fraction < 1 and c.schedule.num_levels >= 2
+  r = build.build_recipe(c)
+  assert 0 < r.freeze_fraction < 1 and r.num_levels >= 2
   assert c.total_steps > 0 or c.num_epochs > 0
   assert set(c.sparse_layers) <= set(models.linear_roles(c.model))
   if name in ("mnist_mlp", "digits_mlp", "text_gpt2_tiny"):
@@ -82,7 +83,7 @@ def test_mnist_mlp_is_the_quickstart_setup():
 
 def test_command_line_overrides():
   argv = ["train.py", f"--config={ROOT / 'configs' / 'mnist_mlp.py'}", "--config.sparsity=0.8",
-          "--config.model.hidden=(64,32)", "--config.schedule.freeze_fraction=0.5",
+          "--config.model.hidden=(64,32)", "--config.recipe.freeze_fraction=0.5",
           "--config.sparse_layers=('fc1',)", "--config.sparse=False"]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
@@ -90,7 +91,7 @@ def test_command_line_overrides():
   fv(argv)
   c = fv.config
   assert c.sparsity == 0.8 and tuple(c.model.hidden) == (64, 32) and c.sparse is False
-  assert c.schedule.freeze_fraction == 0.5 and tuple(c.sparse_layers) == ("fc1",)
+  assert c.recipe.freeze_fraction == 0.5 and tuple(c.sparse_layers) == ("fc1",)
   argv = ["train.py", f"--config={ROOT / 'configs' / 'imagenet_mixer_s.py'}",
           "--config.model.dtype=bfloat16"]
   fv = flags.FlagValues()

@@ -21,7 +21,7 @@ from dynadiag_jax.train import checkpoint, distributed, guard, progress
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
 FLAGS = [
-    f"--config.total_steps={STEPS}", "--config.schedule.num_levels=2",
+    f"--config.total_steps={STEPS}", "--config.recipe.num_levels=2",
     "--config.model.hidden=(32,32)", "--config.checkpoint.every=10", "--config.checkpoint.keep=3",
     "--config.eval_every=0", "--config.log_every=10", "--config.progress_bar=False",
     "--config.distributed=True",

@@ -25,6 +25,7 @@ from dynadiag_jax import methods
 from dynadiag_jax.diag_dense import COLLECTION
 from dynadiag_jax.methods import masks, records
 from dynadiag_jax.train import checkpoint, progress, train_and_evaluate
+from dynadiag_jax.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +111,7 @@ def _config(method: str, steps: int = 24):
   c.model.hidden = (32, 32)
   c.total_steps = steps
   c.masks.every = 4
-  c.schedule.update(freeze_fraction=0.5, num_levels=2)
+  c.recipe.update(freeze_fraction=0.5, num_levels=2)
   c.checkpoint.update(every=8, keep=10, async_save=False)
   c.update(eval_every=0, log_every=4, progress_bar=False, num_devices=2, fast_compile=True)
   return c
@@ -133,19 +134,19 @@ def test_static_diag_freezes_on_given_patterns(tmp_path):
   path.write_text(json.dumps(want))
   given = run.config.copy_and_resolve_references()
   given.static_patterns = str(path)
-  got = records.patterns(run.model, methods.prepare(given, run.fresh_unprepared()).variables, x)
+  got = records.patterns(run.model, state_lib.prepare(given, run.fresh_unprepared()).variables, x)
   assert {k: v["offsets"] for k, v in got.items()} == {k: v["offsets"] for k, v in want.items()}
   assert got != rand
   bad = {**want, "fc1": {**want["fc1"], "offsets": want["fc1"]["offsets"][:-1]}}
   path.write_text(json.dumps(bad))
   with pytest.raises(ValueError, match="'fc1' needs"):
-    methods.prepare(given, run.fresh_unprepared())
+    state_lib.prepare(given, run.fresh_unprepared())
   path.write_text(json.dumps({k: v for k, v in want.items() if k != "fc2"}))
   with pytest.raises(ValueError, match="no layer 'fc2'"):
-    methods.prepare(given, run.fresh_unprepared())
+    state_lib.prepare(given, run.fresh_unprepared())
   given.static_patterns = str(tmp_path / "missing.json")
   with pytest.raises(FileNotFoundError, match="missing.json"):
-    methods.prepare(given, run.fresh_unprepared())
+    state_lib.prepare(given, run.fresh_unprepared())
 
 
 def test_alpha_trace_is_exact_and_last_record_wins(tmp_path, rng):
@@ -156,8 +157,7 @@ def test_alpha_trace_is_exact_and_last_record_wins(tmp_path, rng):
   a[1] = np.nextafter(a[0], np.float32(np.inf))  # a tie that 7 decimals would blur
   params = {"layer": {**v["params"], "alpha": jnp.asarray(a)}}
   rep = lambda t: jax.tree.map(lambda x: jnp.asarray(x)[None], t)  # as pmap replicates
-  state = types.SimpleNamespace(params=rep(params), extra={COLLECTION: rep({"layer": v[COLLECTION]})},
-                                gate="st_topk_shadow")
+  state = types.SimpleNamespace(params=rep(params), extra={COLLECTION: rep({"layer": v[COLLECTION]})})
   records.trace(str(tmp_path), 3, state, 0.5)
   records.trace(str(tmp_path), 4, state, 0.25)
   state.params = rep({"layer": {**v["params"], "alpha": jnp.asarray(-a)}})

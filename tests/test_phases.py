@@ -1,4 +1,4 @@
-"""The exploration phase as layer configuration (`with_phase`), `advance` and the freeze."""
+"""The exploration phase of any model (`with_phase`), `advance` and the freeze."""
 
 import chex
 import flax.linen as nn
@@ -12,32 +12,33 @@ import dynadiag_jax as dd
 
 
 class Net(nn.Module):
-  """Two DiagDense layers and a dense head, nested one level; the phase passed down as
-  user code does (a model with a `LayerFactory` takes `dd.with_phase` instead)."""
-  level: float = 0.0
-  temperature: float = 0.2
+  """Two DiagDense layers and a dense head, nested one level, written as a user writes a
+  model: no phase fields, no LayerFactory (`dd.with_phase` reaches the layers)."""
+  recipe: dd.Recipe = dd.recipe.DEFAULT
 
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(dd.DiagDense(24, sparsity=0.8, level=self.level, temperature=self.temperature,
-                             name="a")(x))
-    x = nn.relu(Block(self.level, self.temperature, name="blk")(x))
+    x = nn.relu(dd.DiagDense(24, sparsity=0.8, recipe=self.recipe, name="a")(x))
+    x = nn.relu(Block(self.recipe, name="blk")(x))
     return nn.Dense(3, name="head")(x)
 
 
 class Block(nn.Module):
-  level: float
-  temperature: float
+  recipe: dd.Recipe
 
   @nn.compact
   def __call__(self, x):  # same name as the outer layer
-    return dd.DiagDense(11, sparsity=0.5, level=self.level, temperature=self.temperature,
-                        name="a")(x)
+    return dd.DiagDense(11, sparsity=0.5, recipe=self.recipe, name="a")(x)
 
 
-def _setup(rng):
+def phased(level: float = 0.0, temperature: float = 0.2, net: nn.Module | None = None):
+  """`net` (default Net()) in the phase (level, temperature)."""
+  return dd.with_phase(net or Net(), level, temperature)
+
+
+def _setup(rng, recipe: dd.Recipe = dd.recipe.DEFAULT):
   x = jnp.asarray(rng.normal(size=(5, 17)), jnp.float32)
-  net = Net()
+  net = phased(net=Net(recipe))
   v = net.init(jax.random.PRNGKey(0), x)
   v["params"] = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), v["params"])
   return net, x, v
@@ -48,10 +49,10 @@ def test_exploring_layers_and_k_active_per_level(rng):
   assert dd.exploring_layers(v) == [("a",), ("blk", "a")]
   k, p = 5, 24  # num_kept(17, 24, 0.8) = ceil(0.2 * 24) = 5
   for level, want in ((1.0, p), (0.5, k + round(0.5 * (p - k))), (0.0, k)):
-    calls = dd.linear_calls(Net(level=level), v, x)
+    calls = dd.linear_calls(phased(level), v, x)
     assert [c.k_active for c in calls if c.path == ("a",)] == [want]
   with pytest.raises(ValueError, match="level"):
-    Net(level=1.5).apply(v, x)
+    phased(1.5)
 
 
 def test_freeze_preserves_outputs_and_drops_alpha(rng):
@@ -112,7 +113,7 @@ def test_advance_changes_variables_only_at_the_freeze(rng):
     assert frozen == sched.is_frozen(step)
     if not frozen:
       chex.assert_trees_all_equal(v, v0)
-      calls = dd.linear_calls(Net(sched.level(step), float(sched.temperature(step))), v, x)
+      calls = dd.linear_calls(phased(sched.level(step), float(sched.temperature(step))), v, x)
       seen.append(calls[0].k_active)
     else:
       assert "alpha" not in v["params"]["a"] and "offsets" in v["dynadiag"]["a"]
@@ -126,7 +127,7 @@ def test_advance_after_the_last_step_freezes_a_run_that_explores_to_the_end(rng)
   for step in range(4):
     v, _ = dd.advance(v, None, sched, step)
     assert dd.exploring_layers(v)
-  y = Net(level=0.0).apply(v, x)  # the top-K function the freeze keeps
+  y = phased(0.0).apply(v, x)  # the top-K function the freeze keeps
   v, st = dd.advance(v, None, sched, 4)
   assert not dd.exploring_layers(v) and st is None
   chex.assert_trees_all_close(net.apply(v, x), y, atol=1e-5, rtol=1e-5)
@@ -147,7 +148,7 @@ def test_freeze_remaps_chained_and_masked_states_by_exact_path(rng):
   not_alpha = lambda p: jax.tree.map(lambda m: not m, dd.optim.alpha_mask(p))
   tx = optax.chain(optax.masked(optax.trace(0.9), not_alpha),  # MaskedNode at alpha
                    optax.inject_hyperparams(optax.adamw)(1e-3, mask=dd.optim.decay_mask))
-  tx = dd.optim.wrap(tx, l1=1e-3)
+  tx = dd.optim.wrap(tx, dd.Recipe(l1=1e-3))
   v, st, v2, st2 = _step_and_freeze(rng, tx)
   # the frozen state steps with the frozen params; trace's momentum was gathered by row
   _, st3 = tx.update(jax.tree.map(jnp.zeros_like, v2["params"]), st2, v2["params"])
@@ -165,10 +166,9 @@ def test_freeze_refuses_a_state_it_cannot_remap(rng):
     dd.freeze(v, st)
 
 
-@pytest.mark.parametrize("kw", [dict(select_every=4, select_after=2),
-                                dict(alpha_update="layer", lr=1e-3), dict(hold=("a",))])
-def test_freeze_remaps_the_states_of_the_selection_knobs(kw, rng):
-  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), **kw)
+def test_freeze_remaps_the_state_of_a_held_selection(rng):
+  recipe = dd.Recipe(experimental=dd.recipe.Experimental(hold=("a",)))
+  tx = dd.optim.wrap(optax.adamw(1e-3, mask=dd.optim.decay_mask), recipe)
   _, _, v2, st2 = _step_and_freeze(rng, tx)
   u, _ = tx.update(jax.tree.map(jnp.ones_like, v2["params"]), st2, v2["params"])
   chex.assert_trees_all_equal_structs(u, v2["params"])

@@ -18,10 +18,9 @@ _spec.loader.exec_module(quickstart)
 def test_quickstart_matches_dense_within_three_points():
   data = quickstart.load_mnist5k(0)
   x0 = data[0][:1]
-  calls = dd.linear_calls(quickstart.MLP(), None, x0)
-  sp = dd.allocation.allocate(calls, 0.9, ["fc1", "fc2", "head"], "erk")
-  model = quickstart.MLP(dd.LayerFactory.from_dict(sp, backend="dense"))
-  acc, variables = quickstart.train(model, data, 3000, sched=dd.Schedule(3000))
+  model = quickstart.sparse_mlp(0.9)
+  assert model.linear.backend == "auto"  # the default backend, as a user gets it
+  acc, variables = quickstart.train(model, data, 3000, recipe=dd.recipe.DEFAULT)
   dense_acc, _ = quickstart.train(quickstart.MLP(), data, 3000)
   t = dd.totals(model, variables, jnp.asarray(x0))
   print(f"dense {dense_acc:.4f}  diag {acc:.4f}  sparsity {t['sparsity']:.4f}")

@@ -27,7 +27,7 @@ def _quiet(c, steps: int):
   c.eval_every = 0
   c.log_every = 1
   c.checkpoint.every = 10_000
-  c.schedule.num_levels = 2
+  c.recipe.num_levels = 2
   c.num_devices = 1
   c.fast_compile = True
   return c
@@ -126,18 +126,38 @@ def test_config_diff_reads_fields_added_later_as_their_implied_value():
   behaviour, and is refused when it does not."""
   now = digits_mlp.get_config()
   old = json.loads(checkpoint.config_json(now))
-  for k in checkpoint.IMPLIED:  # dotted paths: 'model.split_qkv' (a ViT / GPT-2 field)
-    *parents, leaf = k.split(".")
-    node = old
-    for key in parents:
-      node = node.get(key, {})
-    node.pop(leaf, None)
-  now.gate = "soft_topk"  # the behaviour before the field existed
+  for k in ("block", "method", "static_patterns"):
+    old.pop(k)
+  now.recipe.experimental.hold = ()
   assert checkpoint.config_diff(json.dumps(old), now) == []
-  now.alpha_lr = 10.0
-  now.gate = "st_topk"
+  now.block = 16
+  assert checkpoint.config_diff(json.dumps(old), now) == ["block: 1 -> 16"]
+
+
+def _pre_recipe(config) -> dict:
+  """`config` as a checkpoint saved before config.recipe stored it: old names, no gate field."""
+  old = json.loads(checkpoint.config_json(config))
+  old.pop("recipe")
+  old["schedule"] = {"freeze_fraction": 0.3, "t_start": 5.0, "t_end": 0.05,
+                     "k_start_fraction": 1.0, "num_levels": 5}
+  old.update(l1=0.0, alpha_lr=1.0, select_every=1, select_after=0, alpha_update="adam",
+             alpha_spread=1e-3, shadow_init="random", max_swaps=0, hold_alpha=[])
+  return old
+
+
+def test_a_checkpoint_from_before_the_recipe_resumes_or_is_refused_by_name():
+  now = digits_mlp.get_config()
+  old = _pre_recipe(now)  # no 'gate': it ran the paper's soft_topk
+  now.recipe.name = "paper"
+  assert checkpoint.config_diff(json.dumps(old), now) == []
+  now.recipe.name = "default"
   assert checkpoint.config_diff(json.dumps(old), now) == [
-      'alpha_lr: 1.0 -> 10.0', 'gate: "soft_topk" -> "st_topk"']
+      'recipe.gate: "soft_topk" -> "st_topk_shadow"']
+  now.recipe.name, now.recipe.t_end = "paper", 0.5
+  assert checkpoint.config_diff(json.dumps(old), now) == ["recipe.t_end: 0.05 -> 0.5"]
+  now.recipe.t_end = None
+  old["select_every"] = 4  # a removed knob, on: that run cannot be continued here
+  assert checkpoint.config_diff(json.dumps(old), now) == ["select_every: 4 -> (absent)"]
 
 
 def test_mismatched_checkpoint_message_reads_as_one_sentence(finished):
@@ -256,7 +276,7 @@ def test_vision_configs_train_on_digits(module, tmp_path):
   c.data.name = "digits"
   c.batch_size = 64
   c.optimizer.update(warmup_epochs=0.0, warmup_steps=5, lr=1e-2)
-  c.schedule.update(freeze_fraction=0.5, k_start_fraction=0.0)  # one K_active level
+  c.recipe.update(freeze_fraction=0.5, k_start_fraction=0.0)  # one K_active level
   if c.model.name == "vit":
     c.model.update(patch_size=2, width=32, depth=1, num_heads=2, mlp_dim=64)
   else:
@@ -274,7 +294,7 @@ def test_text_gpt2_tiny_trains_and_reports_perplexity(tmp_path):
   c.batch_size = 16
   c.eval_batch_size = 256
   c.optimizer.update(warmup_steps=5, lr=3e-3)
-  c.schedule.update(freeze_fraction=0.5, k_start_fraction=0.0)
+  c.recipe.update(freeze_fraction=0.5, k_start_fraction=0.0)
   c.model.update(num_layers=1, width=64, num_heads=2, context=32)
   s = train_and_evaluate(c, str(tmp_path))
   _loss_drops(str(tmp_path))

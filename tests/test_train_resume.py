@@ -19,8 +19,8 @@ from dynadiag_jax.train import checkpoint, guard, progress
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, FREEZE = 600, 180  # freeze_fraction 0.3
 FLAGS = [
-    f"--config.total_steps={STEPS}", "--config.schedule.freeze_fraction=0.3",
-    "--config.schedule.num_levels=3", "--config.model.hidden=(64,64)",
+    f"--config.total_steps={STEPS}", "--config.recipe.freeze_fraction=0.3",
+    "--config.recipe.num_levels=3", "--config.model.hidden=(64,64)",
     "--config.checkpoint.every=10", "--config.checkpoint.keep=2", "--config.eval_every=0",
     "--config.log_every=10", "--config.progress_bar=False", "--config.num_devices=1",
     "--config.fast_compile=True",
@@ -104,7 +104,7 @@ def _digest(d: Path) -> dict[str, str]:
           for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-SHORT = ["--config.total_steps=30", "--config.schedule.freeze_fraction=0.5"]
+SHORT = ["--config.total_steps=30", "--config.recipe.freeze_fraction=0.5"]
 
 
 @pytest.fixture(scope="module")

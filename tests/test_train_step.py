@@ -70,7 +70,7 @@ def test_kernel_settings_reach_the_layers():
 
 def test_hold_alpha_keeps_the_named_layers_selection_while_the_others_learn(rng):
   c = digits_mlp.get_config()
-  c.total_steps, c.hold_alpha = 10, ("fc1",)
+  c.total_steps, c.recipe.experimental.hold = 10, ("fc1",)
   spec = build.DataSpec("image", (8, 8, 1), 10, 1437)
   model, _ = build.build_model(c, spec)
   sched = build.build_schedule(c, 10)
@@ -87,41 +87,6 @@ def test_hold_alpha_keeps_the_named_layers_selection_while_the_others_learn(rng)
   np.testing.assert_array_equal(a1, a0)  # held: the random start
   assert not np.array_equal(out.params["fc2"]["alpha"], host.params["fc2"]["alpha"])
   assert not np.array_equal(out.params["fc1"]["values"], host.params["fc1"]["values"])
-  c.hold_alpha = ("fc9",)
+  c.recipe.experimental.hold = ("fc9",)
   with pytest.raises(ValueError, match="not sparse layers"):
-    build.build_optimizer(c, 10, sched)
-
-
-def test_max_swaps_caps_each_layers_selection_changes_per_step(rng):
-  c = digits_mlp.get_config()
-  c.total_steps = 10
-  spec = build.DataSpec("image", (8, 8, 1), 10, 1437)
-  model, sparsity = build.build_model(c, spec)
-  sched = build.build_schedule(c, 10)
-  batch = {"image": rng.normal(size=(1, 8, 8, 8, 1)).astype(np.float32),
-           "label": rng.integers(0, 10, (1, 8)).astype(np.int32)}
-  devs = jax.local_devices()[:1]
-
-  def swaps(max_swaps):
-    c.max_swaps = max_swaps
-    tx = build.build_optimizer(c, 10, sched, sparsity=sparsity)
-    host = state.advance(state.create(model, tx, spec.dummy_input(), 0, step.FAST_COMPILE),
-                         sched, 0)
-    k = {n: int(host.extra["dynadiag"][n]["k"]) for n in ("fc1", "fc2")}
-    top = lambda st: {n: set(np.argsort(-np.asarray(st.params[n]["alpha"]), kind="stable")[:k[n]])
-                      for n in k}
-    p_train = step.make_train_step(model, tx, sched, spec, 0.0, step.FAST_COMPILE)
-    r, prev, out = state.replicate(host, devs), top(host), []
-    for _ in range(4):
-      r, _ = p_train(r, state.shard(batch, devs))
-      now = top(state.unreplicate(r))
-      out += [len(now[n] - prev[n]) for n in k]
-      prev = now
-    return out
-
-  assert max(swaps(0)) > 1  # unlimited: several diagonals enter at once
-  capped = swaps(1)
-  assert max(capped) == 1 and all(n <= 1 for n in capped)
-  c.max_swaps = 1
-  with pytest.raises(ValueError, match="sparsity"):
     build.build_optimizer(c, 10, sched)

@@ -53,7 +53,7 @@ def trace(workdir: str, step: int, state: Any, temperature: float) -> None:
   for k in path:
     p, c = p[k], c[k]
   rec = {"step": int(step), "layer": "/".join(path), "temperature": float(temperature),
-         "k": int(first(c["k"])), "gate": str(getattr(state, "gate", dd.gates.DEFAULT)),
+         "k": int(first(c["k"])), "gate": dd.gates.name_of(int(first(c["gate"]))),
          "alpha": [float(str(a)) for a in first(p["alpha"]).astype(np.float32)]}  # exact
   with open(os.path.join(workdir, TRACE), "a") as f:
     f.write(json.dumps(rec) + "\n")

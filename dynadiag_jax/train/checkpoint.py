@@ -17,6 +17,7 @@ directory and what to do; nothing on disk is touched. Saves land every `every` s
 from __future__ import annotations
 
 import fnmatch
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
+from dynadiag_jax import recipe as recipe_lib
 from dynadiag_jax.train.state import TrainState
 
 FORMAT = 1
@@ -42,11 +44,19 @@ MAY_CHANGE = (
 )
 
 # Fields added after the first release, with the value a checkpoint saved before the field
-# existed ran with: a saved config that lacks one reads as having this value.
+# existed ran with: a saved config that lacks one reads as having this value (old names:
+# RENAMED applies after).
 IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag",
-           "static_patterns": "", "model.split_qkv": False, "select_every": 1, "select_after": 0,
-           "alpha_spread": 1e-3, "alpha_update": "adam",
-           "hold_alpha": (), "shadow_init": "random", "max_swaps": 0}
+           "static_patterns": "", "model.split_qkv": False, "hold_alpha": ()}
+# Fields that moved into config.recipe (issue 21): old dotted path -> new one.
+RENAMED = {"gate": "recipe.gate", "l1": "recipe.l1", "alpha_lr": "recipe.alpha_lr",
+           "hold_alpha": "recipe.experimental.hold",
+           **{f"schedule.{k}": f"recipe.{k}" for k in (
+               "freeze_fraction", "t_start", "t_end", "k_start_fraction", "num_levels")}}
+# Research knobs measured and removed (their results stay in docs/RESEARCH.md), with the
+# value that meant "off": a checkpoint saved with that value resumes; any other is refused.
+REMOVED = {"select_every": 1, "select_after": 0, "alpha_spread": 1e-3, "alpha_update": "adam",
+           "shadow_init": "random", "max_swaps": 0}
 
 
 class CheckpointError(RuntimeError):
@@ -95,6 +105,23 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
   return out
 
 
+def _resolved_recipe(leaves: dict[str, Any]) -> dict[str, Any]:
+  """`leaves` with recipe.* as the values of the recipe they name (unset fields filled in)."""
+  if not any(k.startswith("recipe.") for k in leaves):
+    return leaves
+  name = leaves.get("recipe.name") or "default"
+  try:
+    base = dataclasses.asdict(recipe_lib.get(name))
+  except ValueError:
+    return leaves  # an unknown name differs by itself
+  full = {f"recipe.{k}": v for k, v in _leaves(json.loads(json.dumps(base))).items()}
+  out = {k: v for k, v in leaves.items() if k != "recipe.name"}
+  for k, v in full.items():
+    if out.get(k) is None:
+      out[k] = v
+  return out
+
+
 def config_json(config: Any) -> str:
   """A config (ConfigDict or dict) as the JSON a checkpoint stores."""
   if hasattr(config, "to_json_best_effort"):
@@ -105,12 +132,19 @@ def config_json(config: Any) -> str:
 def config_diff(saved: Any, current: Any, may_change: tuple[str, ...] = MAY_CHANGE) -> list[str]:
   """'path: saved -> current' for each field that defines the run and differs.
 
-  A field the saved config lacks counts as its `IMPLIED` value (older checkpoints).
+  A field the saved config lacks counts as its `IMPLIED` value, old names read as their
+  `RENAMED` ones, removed knobs at their off value are dropped (older checkpoints), and
+  both recipes are compared as the values they resolve to (`recipe.name` and overrides).
   """
   load = lambda c: _leaves(json.loads(c if isinstance(c, str) else config_json(c)))
   a, b = load(saved), load(current)
   implied = json.loads(json.dumps(IMPLIED))  # as the saved JSON reads them: tuples are lists
-  a = {**{k: v for k, v in implied.items() if k in b}, **a}
+  if "recipe.name" in b and "recipe.name" not in a:  # saved before config.recipe
+    a = {**{k: v for k, v in implied.items() if RENAMED.get(k, k) in b or k in b}, **a}
+    a = {RENAMED.get(k, k): v for k, v in a.items() if REMOVED.get(k, ()) != v}
+  else:
+    a = {**{k: v for k, v in implied.items() if k in b}, **a}
+  a, b = _resolved_recipe(a), _resolved_recipe(b)
   out = []
   for k in sorted(set(a) | set(b)):
     if any(fnmatch.fnmatchcase(k, p) for p in may_change) or a.get(k, ()) == b.get(k, ()):

@@ -1,0 +1,172 @@
+"""The recipe is one value every part reads; the phase API cannot silently run another method."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import dynadiag_jax as dd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class UserNet(nn.Module):
+  """A model written without this library in mind but for its DiagDense layers."""
+  recipe: dd.Recipe = dd.recipe.DEFAULT
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(dd.DiagDense(48, sparsity=0.9, recipe=self.recipe, name="fc1")(x))
+    return nn.Dense(5, name="head")(h)
+
+
+def _fresh(rng, recipe):
+  x = jnp.asarray(rng.normal(size=(8, 32)), jnp.float32)
+  net = UserNet(recipe)
+  return net, x, net.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), x)
+
+
+@pytest.mark.parametrize("name", ["default", "paper"])
+def test_the_freeze_folds_the_layers_own_gate(name, rng):
+  """Problem 1: advance without gate= folded st_topk_shadow into a soft_topk layer (9.8x)."""
+  recipe = dd.recipe.get(name)
+  net, x, v = _fresh(rng, recipe)
+  sched = recipe.schedule(10)
+  before = dd.with_phase(net, 0.0, sched.temperature(sched.freeze_step)).apply(v, x)
+  frozen, _ = dd.advance(v, None, sched, sched.freeze_step)
+  assert not dd.exploring_layers(frozen)
+  chex.assert_trees_all_close(net.apply(frozen, x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_layer_refuses_variables_made_with_another_gate(rng):
+  net, x, v = _fresh(rng, dd.recipe.PAPER)
+  with pytest.raises(ValueError, match="made with gate 'soft_topk'"):
+    dd.with_phase(UserNet(dd.recipe.DEFAULT), 0.5, 1.0).apply(v, x)
+
+
+@pytest.mark.parametrize("fn", ["advance", "freeze"])
+def test_advance_and_freeze_refuse_params_alone(fn, rng):
+  """Problem 2: given state.params, they returned their input and the run never froze."""
+  net, x, v = _fresh(rng, dd.recipe.DEFAULT)
+  sched = dd.recipe.DEFAULT.schedule(10)
+  call = {"advance": lambda t: dd.advance(t, None, sched, sched.freeze_step),
+          "freeze": lambda t: dd.freeze(t)}[fn]
+  with pytest.raises(ValueError, match="'dynadiag' collection"):
+    call(v["params"])
+
+
+def test_the_phase_reaches_a_users_module_and_a_forgotten_one_is_an_error(rng):
+  """Problem 3: a user's module without phase plumbing trained another method silently."""
+  net, x, v = _fresh(rng, dd.recipe.DEFAULT)
+  with pytest.raises(dd.PhaseError, match="'fc1' is exploring"):
+    net.apply(v, x)
+  p = 48  # num_diagonals(32, 48)
+  k = dd.pattern.num_kept(32, 48, 0.9)
+  for level, want in ((1.0, p), (0.0, k)):
+    calls = dd.linear_calls(dd.with_phase(net, level, 1.0), v, x)
+    assert [c.k_active for c in calls if c.name == "fc1"] == [want]
+  # level 0 computes only the top-K: the same function as the frozen layer
+  frozen, _ = dd.freeze(v)
+  chex.assert_trees_all_close(dd.with_phase(net, 0.0, 1.0).apply(v, x), net.apply(frozen, x),
+                              rtol=1e-5, atol=1e-5)
+
+
+def _load_quickstart():
+  spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_the_quickstart_loop_runs_frozen_layers_on_their_exact_layouts(monkeypatch, rng):
+  """Problem 4: the natural loop passed the offsets into jit, traced: bounded layouts."""
+  qs = _load_quickstart()
+  seen = []
+  real = dd.ops.diag_matmul
+
+  def spy(x, v, o_K, *args, **kw):
+    seen.append(dd.pattern.is_concrete(o_K))
+    return real(x, v, o_K, *args, **kw)
+
+  monkeypatch.setattr(dd.ops, "diag_matmul", spy)
+  n = 64
+  data = tuple(np.asarray(a[:n]) for a in qs.load_mnist5k(0))
+  model = qs.sparse_mlp(0.9)
+  recipe = dd.Recipe(freeze_fraction=0.5)
+  _, frozen = qs.train(model, data, 4, batch=16, recipe=recipe)  # 2 exploring, 2 frozen steps
+  assert not dd.exploring_layers(frozen)
+  assert seen and seen[-1], "the frozen step traced no concrete offsets"
+  # the check can fail: the same frozen variables with plain-array offsets are traced
+  seen.clear()
+  plain = {**frozen, "dynadiag": dd.static.arrays(frozen["dynadiag"])}
+  jax.jit(model.apply)(plain, data[2][:2])
+  assert seen and not any(seen)
+
+
+def test_importing_the_library_imports_no_training_or_data_module():
+  code = ("import sys, dynadiag_jax\n"
+          "bad = sorted(m for m in sys.modules if m.startswith(('dynadiag_jax.train', "
+          "'dynadiag_jax.data', 'dynadiag_jax.sweep', 'dynadiag_jax.methods', "
+          "'tensorflow_datasets', 'grain', 'ml_collections', 'orbax')))\n"
+          "print(bad); assert not bad, bad\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _imports(path: Path) -> set[str]:
+  mods = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      mods |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      mods |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+  return mods
+
+
+def test_no_library_module_imports_up_into_the_training_layer():
+  """The library (geometry, layers, methods) never imports dynadiag_jax.train, at any depth."""
+  lib = ROOT / "dynadiag_jax"
+  offenders = [str(p.relative_to(ROOT)) for p in lib.rglob("*.py")
+               if "train" not in p.relative_to(lib).parts and p.name != "sweep.py"
+               and any(m.startswith("dynadiag_jax.train") for m in _imports(p))]
+  assert not offenders, offenders
+
+
+def test_named_recipes_and_validation():
+  assert dd.recipe.get("default") == dd.recipe.DEFAULT == dd.Recipe()
+  assert dd.recipe.get("paper").gate == dd.gates.PAPER
+  assert dd.recipe.DEFAULT.gate == dd.gates.DEFAULT
+  for kw, msg in [({"gate": "hard"}, "unknown gate"), ({"alpha_lr": 0.0}, "alpha_lr"),
+                  ({"t_end": 0.0}, "temperatures"), ({"freeze_fraction": 2.0}, "freeze_fraction"),
+                  ({"l1": -1.0}, "l1")]:
+    with pytest.raises(ValueError, match=msg):
+      dd.Recipe(**kw)
+  with pytest.raises(ValueError, match="unknown recipe"):
+    dd.recipe.get("fast")
+  s = dd.Recipe(freeze_fraction=0.5, t_end=0.1).schedule(10)
+  assert (s.freeze_step, s.t_end) == (5, 0.1)
+
+
+def test_one_recipe_drives_layer_optimizer_and_schedule(rng):
+  """l1 and alpha_lr reach alpha's update; the layer records the recipe's gate."""
+  recipe = dd.Recipe(gate="st_topk", l1=1e-2, alpha_lr=3.0)
+  net, x, v = _fresh(rng, recipe)
+  assert dd.gates.name_of(int(v["dynadiag"]["fc1"]["gate"])) == "st_topk"
+  tx = dd.optim.wrap(optax.sgd(1.0), recipe)
+  zeros = jax.tree.map(jnp.zeros_like, v["params"])
+  u, _ = tx.update(zeros, tx.init(v["params"]), v["params"])
+  a = np.asarray(v["params"]["fc1"]["alpha"])
+  np.testing.assert_allclose(u["fc1"]["alpha"], -1.0 * 3.0 * 1e-2 * np.sign(a), rtol=1e-6)
+  chex.assert_trees_all_equal(u["head"], zeros["head"])
