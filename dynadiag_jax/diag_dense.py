@@ -71,7 +71,7 @@ class DiagDense(nn.Module):
 
   Exploring: params `alpha` (P,), `values` (P, D) or (P, D, b, b), `bias` (n,); collection
   `dynadiag` holds `k` (), `in_features` () and `gate` () (the recipe's gate, as
-  `gates.code`, which the freeze folds). The phase comes from the caller
+  `gates.code`, a `StaticArray`: the freeze folds it, and a layer refuses another). The phase comes from the caller
   (`dynadiag_jax.with_phase`, any model): the layer computes the top-K_active diagonals of
   alpha at the phase's level (static: a new level is a new trace) and temperature (may be
   traced); with all P active, W is dense and the layer runs one GEMM whatever the backend.
@@ -138,8 +138,9 @@ class DiagDense(nn.Module):
                           self.param_dtype)
       self.variable(COLLECTION, "k", lambda: jnp.asarray(k, jnp.int32))
       self.variable(COLLECTION, "in_features", lambda: jnp.asarray(m, jnp.int32))
-      code = self.variable(COLLECTION, "gate", lambda: jnp.asarray(gates.code(gate_name),
-                                                                   jnp.int32)).value
+      # static (no pytree leaf): checked under jit too, never a checkpoint leaf (the config's)
+      code = self.variable(COLLECTION, "gate",
+                           lambda: StaticArray(np.int32(gates.code(gate_name)))).value
       self._check_gate(code)
       phase = self._phase()
       k_active = schedules.k_active(p, k, phase.level, phase.k_start_fraction)
@@ -176,7 +177,7 @@ class DiagDense(nn.Module):
     return repr(path or self.name or type(self).__name__)
 
   def _phase(self) -> schedules.Phase:
-    phase = schedules.current_phase()
+    phase = schedules.phase_for_trace()
     if phase is not None:
       return phase
     if self.is_initializing():

@@ -77,7 +77,15 @@ class Phased:
       return self.module.init(*args, **kwargs)
 
   def __getattr__(self, name: str):
-    return getattr(self.module, name)
+    """The module's attribute; its methods (e.g. init_with_output) run inside the phase."""
+    attr = getattr(self.module, name)
+    if not callable(attr) or isinstance(attr, type) or name == "clone":
+      return attr
+
+    def in_phase(*args, **kwargs):
+      with self.phase.active():
+        return attr(*args, **kwargs)
+    return in_phase
 
 
 def with_phase(module: nn.Module, level: float = 1.0,

@@ -77,9 +77,16 @@ def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
       seen.setdefault(tuple(mod.path), call)
     return next_fun(*args, **kw)
 
-  with nn.intercept_methods(intercept), phase.active():
+  def run(fn):  # the phase entered inside the trace, where the layers read it
+    def traced(*args):
+      with phase.active():
+        return fn(*args)
+    return traced
+
+  with nn.intercept_methods(intercept):
     if variables is None:
-      jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *inputs, method=method, **kwargs))
+      jax.eval_shape(run(lambda: model.init(jax.random.PRNGKey(0), *inputs, method=method,
+                                            **kwargs)))
     else:
-      jax.eval_shape(lambda v: model.apply(v, *inputs, method=method, **kwargs), variables)
+      jax.eval_shape(run(lambda v: model.apply(v, *inputs, method=method, **kwargs)), variables)
   return list(seen.values())

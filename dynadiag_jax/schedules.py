@@ -8,6 +8,8 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
+import jax
+import jax.numpy as jnp
 import optax
 
 DEFAULT_TEMPERATURE = 5.0  # the temperature of a phase left unset (t_start's default)
@@ -97,8 +99,14 @@ class Phase:
 
   @contextlib.contextmanager
   def active(self) -> Iterator["Phase"]:
-    """Makes this the phase of every DiagDense applied inside the block."""
-    token = _CURRENT.set(self)
+    """Makes this the phase of every DiagDense applied inside the block.
+
+    Enter it where the model is traced (inside the jitted function, as `with_phase` does):
+    jax's compile cache does not see it, so a phase entered around a call of a jitted
+    function would be ignored by every later call; a layer traced under jit inside a phase
+    entered outside any trace raises `PhaseError` instead.
+    """
+    token = _CURRENT.set((self, tracing()))
     try:
       yield self
     finally:
@@ -109,10 +117,33 @@ class PhaseError(RuntimeError):
   """An exploring DiagDense applied without a phase (see `dynadiag_jax.with_phase`)."""
 
 
-_CURRENT: contextvars.ContextVar[Phase | None] = contextvars.ContextVar("dynadiag_phase",
-                                                                        default=None)
+# (phase, whether it was entered while jax traced a function) of the innermost Phase.active().
+_CURRENT: contextvars.ContextVar[tuple[Phase, bool] | None] = contextvars.ContextVar(
+    "dynadiag_phase", default=None)
+
+
+def tracing() -> bool:
+  """Whether jax is tracing a staged function here (jit, pmap, eval_shape), not running eagerly."""
+  return isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
 
 
 def current_phase() -> Phase | None:
   """The phase set by the innermost `Phase.active()` (None outside one)."""
-  return _CURRENT.get()
+  got = _CURRENT.get()
+  return None if got is None else got[0]
+
+
+def phase_for_trace() -> Phase | None:
+  """`current_phase()`, or PhaseError when it was entered outside the jax trace running now
+  (its value would be baked into a compiled function that later calls reuse)."""
+  got = _CURRENT.get()
+  if got is None:
+    return None
+  phase, entered_in_trace = got
+  if not entered_in_trace and tracing():
+    raise PhaseError(
+        "a phase entered outside jax.jit / pmap reached a layer traced inside it: the compiled "
+        "step would keep this phase for every later call. Enter it inside the traced function: "
+        "dd.with_phase(model, level, temperature).apply(...) there, with the level a static "
+        "argument")
+  return phase

@@ -43,6 +43,9 @@ class StaticArray:
   def ndim(self) -> int:
     return self.value.ndim
 
+  def __int__(self) -> int:
+    return int(self.value)
+
   def __len__(self) -> int:
     return len(self.value)
 

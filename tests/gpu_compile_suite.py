@@ -126,12 +126,12 @@ def _train_step(dtype: str, frozen: bool):
   class Mlp(nn.Module):  # wide diagonals, then narrow 16 x 16 block-diagonals
     @nn.compact
     def __call__(self, x):
-      kw = dict(dtype=dtype, backend="pallas", level=0.5)  # K < K_active < P: diag_matmul runs
+      kw = dict(dtype=dtype, backend="pallas")
       x = nn.gelu(dd.DiagDense(256, sparsity=SPARSITY, **kw)(x))
       x = dd.DiagDense(128, sparsity=0.75, block=16, **kw)(x)
       return nn.Dense(10, dtype=dtype)(x.mean(1))
 
-  model = Mlp()
+  model = dd.with_phase(Mlp(), 0.5)  # K < K_active < P: diag_matmul runs
   x_sds, y_sds = _sds((8, 17, 128), dtype), _sds((8,), "int32")
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros(x_sds.shape, x_sds.dtype))
   if frozen:

@@ -29,7 +29,7 @@ def _w_eff(params, m, n, b, k, ka, temperature):
 @pytest.mark.parametrize("m,n,b,s", [(24, 8, 4, 0.6), (8, 24, 4, 0.5), (12, 12, 3, 0.7),
                                      (32, 48, 16, 0.5)])
 def test_block_layer_equals_reference(m, n, b, s, level, rng):
-  layer = dd.DiagDense(n, sparsity=s, block=b, backend="dense", gate="soft_topk")  # paper gate
+  layer = dd.DiagDense(n, sparsity=s, block=b, backend="dense", recipe=dd.recipe.PAPER)
   x = jnp.asarray(rng.normal(size=(5, m)), jnp.float32)
   v = layer.init(jax.random.PRNGKey(0), x)
   geo = pattern.Geometry(m, n, b)
@@ -43,7 +43,7 @@ def test_block_layer_equals_reference(m, n, b, s, level, rng):
                               atol=1e-5)
 
   # the frozen layer computes the same function with (K, D, b, b) values
-  frozen, _ = dd.freeze(v, gate="soft_topk", temperature=0.4)
+  frozen, _ = dd.freeze(v, temperature=0.4)  # folds the gate recorded at init: soft_topk
   chex.assert_shape(frozen["params"]["values"], (k, geo.D, b, b))
   y0 = dd.with_phase(layer, 0.0, 0.4).apply(v, x)
   chex.assert_trees_all_close(layer.apply(frozen, x), y0, rtol=1e-5, atol=1e-5)
@@ -107,17 +107,17 @@ def test_kernel_init_describes_the_effective_kernel():
   x = jnp.eye(m)
   dense = nn.Dense(n)
   wd = dense.init(jax.random.PRNGKey(1), x)["params"]["kernel"]
-  layer = dd.DiagDense(n, sparsity=0.0, kernel_init=nn.initializers.lecun_normal(),
-                       backend="dense", gate="soft_topk")
+  layer = dd.with_phase(dd.DiagDense(n, sparsity=0.0, kernel_init=nn.initializers.lecun_normal(),
+                                     backend="dense", recipe=dd.recipe.PAPER))
   v = layer.init(jax.random.PRNGKey(1), x)
   w = layer.apply(v, x) - v["params"]["bias"]  # rows of W_eff (gates all equal K/P)
   assert abs(float(jnp.std(w)) / float(jnp.std(wd)) - 1) < 0.05
-  ones = dd.DiagDense(n, sparsity=0.5, kernel_init=nn.initializers.ones, backend="dense",
-                      gate="soft_topk")
+  ones = dd.with_phase(dd.DiagDense(n, sparsity=0.5, kernel_init=nn.initializers.ones,
+                                    backend="dense", recipe=dd.recipe.PAPER))
   w1 = ones.apply(ones.init(jax.random.PRNGKey(0), x), x)
   np.testing.assert_allclose(np.unique(np.asarray(w1)), [1.0])  # gates K/P times P/K
-  hard = dd.DiagDense(n, sparsity=0.5, kernel_init=nn.initializers.ones, backend="dense",
-                      gate="st_topk")
+  hard = dd.with_phase(dd.DiagDense(n, sparsity=0.5, kernel_init=nn.initializers.ones,
+                                    backend="dense", recipe=dd.Recipe(gate="st_topk")))
   w2 = np.asarray(hard.apply(hard.init(jax.random.PRNGKey(0), x), x))
   np.testing.assert_allclose(np.unique(w2), [0.0, 1.0])  # hard gates: the kept half is the init
   assert (w2 == 1).mean() == 0.5
@@ -126,8 +126,8 @@ def test_kernel_init_describes_the_effective_kernel():
 def test_precision_reaches_the_products():
   x = jnp.ones((2, 16))
   for frozen in (False, True):
-    layer = dd.DiagDense(8, sparsity=0.5, precision=jax.lax.Precision.HIGHEST, backend="dense",
-                         level=0.0)
+    layer = dd.with_phase(dd.DiagDense(8, sparsity=0.5, precision=jax.lax.Precision.HIGHEST,
+                                       backend="dense"), 0.0)
     v = layer.init(jax.random.PRNGKey(0), x)
     if frozen:
       v, _ = dd.freeze(v)

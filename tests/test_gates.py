@@ -49,21 +49,6 @@ def test_hard_topk(rng):
   assert list(np.asarray(idx)) == sorted(np.asarray(idx))
 
 
-@pytest.mark.parametrize("k", [1, 3, 10, 64])
-def test_capped_topk_sums_to_k_and_reaches_hard_topk(k, rng):
-  a = jnp.asarray(rng.permutation(64).astype(np.float32) * 0.1)  # gaps of 0.1
-  for t in (5.0, 0.5, 0.05):
-    g = gates.capped_topk(a, k, t)
-    np.testing.assert_allclose(float(g.sum()), k, rtol=1e-5)
-    assert float(g.max()) <= 1 and float(g.min()) >= 0
-  chex.assert_trees_all_close(gates.capped_topk(a, k, 1e-4), hard_topk(a, k), atol=1e-6)
-
-
-def test_capped_topk_equals_soft_topk_without_saturation(rng):
-  a = jnp.asarray(rng.normal(size=100) * 0.01, jnp.float32)
-  chex.assert_trees_all_close(gates.capped_topk(a, 10, 1.0), gates.soft_topk(a, 10, 1.0), rtol=1e-5)
-
-
 @pytest.mark.parametrize("t", [5.0, 0.05])
 @pytest.mark.parametrize("k", [1, 7, 64])
 def test_st_topk_forward_is_hard_topk_and_grad_is_soft_topk(k, t, rng):
@@ -79,11 +64,25 @@ def test_st_topk_forward_is_hard_topk_and_grad_is_soft_topk(k, t, rng):
                                 np.asarray(g))
 
 
-def test_gate_names_and_init_gain():
+def test_gate_names_codes_and_init_gain():
+  assert gates.NAMES == ("soft_topk", "st_topk", "st_topk_shadow")
   assert gates.by_name("st_topk") is gates.st_topk
-  assert gates.init_gain("st_topk", 8, 64) == 1.0
-  assert gates.init_gain("soft_topk", 8, 64) == gates.init_gain("capped_topk", 8, 64) == 8.0
+  assert gates.by_name("st_topk_shadow") is gates.st_topk
+  assert gates.by_name("soft_topk") is gates.soft_topk
+  for name in gates.NAMES:  # the code a layer records round-trips to its gate
+    assert gates.name_of(gates.code(name)) == name
+  assert sorted(gates.code(n) for n in gates.NAMES) == list(range(len(gates.NAMES)))
+  assert gates.init_gain("st_topk", 8, 64) == gates.init_gain("st_topk_shadow", 8, 64) == 1.0
+  assert gates.init_gain("soft_topk", 8, 64) == 8.0
+  for bad in ("hard", "capped_topk"):
+    with pytest.raises(ValueError, match="unknown gate"):
+      gates.by_name(bad)
+    with pytest.raises(ValueError, match="unknown gate"):
+      gates.code(bad)
   with pytest.raises(ValueError, match="unknown gate"):
-    gates.by_name("hard")
+    gates.init_gain("capped_topk", 8, 64)
+  for bad in (-1, len(gates.NAMES)):
+    with pytest.raises(ValueError, match="unknown gate code"):
+      gates.name_of(bad)
   with pytest.raises(ValueError, match="k must lie"):
     gates.st_topk(jnp.ones(4), 5, 1.0)

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import dynadiag_jax as dd
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.models import GPT2, attention, build, linear_roles, sparse_roles
 
@@ -42,6 +43,12 @@ def _factory(cfg, sparse: bool) -> LayerFactory:
   return LayerFactory.from_dict({r: 0.9 for r in sparse_roles(cfg)} if sparse else {}, backend="dense")
 
 
+def _model(cfg, sparse: bool):
+  """The model of `cfg`; a sparse one in the first exploration phase (every diagonal)."""
+  model = build(cfg, _factory(cfg, sparse))
+  return dd.with_phase(model) if sparse else model
+
+
 def _batch(cfg, b: int = 4, seed: int = 0) -> tuple[jax.Array, jax.Array]:
   """(inputs, targets): images (B, 16, 16, 3) and labels, or tokens (B, CTX) and next tokens."""
   kx, ky = jax.random.split(jax.random.key(seed))
@@ -55,7 +62,7 @@ def _batch(cfg, b: int = 4, seed: int = 0) -> tuple[jax.Array, jax.Array]:
 def _built(key: str, sparse: bool):
   """(cfg, model, variables, x, y, apply) of the tiny model `key`, initialised once per session."""
   cfg = _cfg(key)
-  model = build(cfg, _factory(cfg, sparse))
+  model = _model(cfg, sparse)
   x, y = _batch(cfg)
   apply = jit(model.apply, static_argnames="train")
   return cfg, model, jit(model.init)(jax.random.key(0), x), x, y, apply
@@ -126,7 +133,6 @@ def test_split_qkv_is_the_fused_projection_split(key):
 
 def test_split_qkv_layers_named_k_are_layers_not_collection_fields():
   """A sparse layer called 'k' (split_qkv) is found, frozen and counted like any other."""
-  import dynadiag_jax as dd  # pylint: disable=g-import-not-at-top
   _, model, variables, x, _, apply = _built("gpt2_split", True)
   roles = {p[-1] for p in dd.exploring_layers(variables)}
   assert roles == {"q", "k", "v", "attn_out", "mlp_in", "mlp_out"}
@@ -190,8 +196,8 @@ def test_adam_lowers_loss(key):
 
 @pytest.mark.parametrize("key", ["vit", "mixer", "gpt2"])
 def test_dropout_uses_rng(key):
-  cfg, _, variables, x, _, eval_apply = _built(key, True)  # eval_apply: same model, no dropout
-  model = build(_cfg(key, dropout=0.3), _factory(cfg, sparse=True))
+  _, _, variables, x, _, eval_apply = _built(key, True)  # eval_apply: same model, no dropout
+  model = _model(_cfg(key, dropout=0.3), sparse=True)
   apply = jit(model.apply, static_argnames="train")
   variables = jax.tree_util.tree_map(lambda v: v, variables)  # a copy: the cache stays intact
   if "head" in variables["params"]:  # a zero-init head hides the features
@@ -206,8 +212,8 @@ def test_dropout_uses_rng(key):
 
 @pytest.mark.parametrize("key", ["vit", "gpt2"])
 def test_bfloat16_compute_float32_params(key):
-  cfg, _, variables, x, _, ref_apply = _built(key, True)
-  model = build(_cfg(key, dtype="bfloat16"), _factory(cfg, sparse=True))
+  _, _, variables, x, _, ref_apply = _built(key, True)
+  model = _model(_cfg(key, dtype="bfloat16"), sparse=True)
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(shapes["params"]))
   variables = jax.tree_util.tree_map(lambda v: v, variables)

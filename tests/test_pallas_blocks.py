@@ -108,11 +108,10 @@ def test_blocks_the_kernels_cannot_take_raise(b):
 
 class _Mlp(nn.Module):
   backend: str = "dense"
-  level: float = 0.5  # K < K_active < P: diag_matmul runs on traced offsets
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(backend=self.backend, level=self.level)
+    kw = dict(backend=self.backend)
     x = jax.nn.gelu(dd.DiagDense(256, sparsity=0.75, block=32, **kw)(x))
     return dd.DiagDense(64, sparsity=0.5, block=16, **kw)(x)
 
@@ -131,7 +130,7 @@ def test_diag_dense_blocks_pallas_matches_dense(frozen):
   extra = {k: v for k, v in variables.items() if k != "params"}
 
   def grads(backend):
-    model = _Mlp(backend=backend)
+    model = dd.with_phase(_Mlp(backend=backend), 0.5)  # K < K_active < P: traced offsets
     if frozen:
       ex = jax.tree.map(np.asarray, extra)
       f = jax.jit(jax.value_and_grad(lambda p: jnp.sum(model.apply({"params": p, **ex}, x) ** 2)))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from dynadiag_jax import DiagDense, freeze, ops
+from dynadiag_jax import DiagDense, freeze, ops, static, with_phase
 from pallas_kernels import diag
 from tests.pallas_testing import assert_close, fresh_seed, random_offsets
 
@@ -76,22 +76,22 @@ def test_pmap_data_parallel_grad():
 class _MLP(nn.Module):
   backend: str
   kernel: ops.KernelConfig = ops.KernelConfig()
-  level: float = 1.0  # 1: every diagonal computed; 0: only the top K
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(sparsity=0.5, backend=self.backend, kernel_config=self.kernel, level=self.level)
+    kw = dict(sparsity=0.5, backend=self.backend, kernel_config=self.kernel)
     x = nn.relu(DiagDense(16, **kw)(x))
     return DiagDense(8, **kw)(x)
 
 
 def _train(backend, x, y, variables, steps=5, kernel=ops.KernelConfig(), level=1.0):
-  model = _MLP(backend, kernel, level)
+  # level 1: every diagonal computed; 0: only the top K (frozen layers ignore it)
+  model = with_phase(_MLP(backend, kernel), level)
   params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
   opt = optax.adam(1e-2)
 
   @jax.jit
-  def step(params, opt_state):
+  def step(params, opt_state, rest):  # frozen offsets (StaticArray) pass in static
     def loss(p):
       return jnp.mean((model.apply({"params": p, **rest}, x) - y) ** 2)
     val, g = jax.value_and_grad(loss)(params)
@@ -100,7 +100,7 @@ def _train(backend, x, y, variables, steps=5, kernel=ops.KernelConfig(), level=1
 
   opt_state, losses = opt.init(params), []
   for _ in range(steps):
-    params, opt_state, val = step(params, opt_state)
+    params, opt_state, val = step(params, opt_state, rest)
     losses.append(float(val))
   return np.asarray(losses)
 
@@ -115,10 +115,14 @@ def test_diag_dense_trains_like_dense_backend():
   assert 200 <= n_params <= 1000
   for level in (1.0, 0.0):  # every diagonal; only the top-K (K_active = K)
     _compare_training(x, y, variables, f"level={level} seed={seed}", level=level)
-  # Frozen: offsets are constants of the jitted step, so the exact host layout is used.
+  # Frozen: offsets are static (no leaves) in the jitted step, so the exact host layout is used.
   frozen, _ = freeze(variables)
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(frozen)[0]]
-  assert any("offsets" in p for p in paths) and not any("alpha" in p for p in paths)
+  assert not any("alpha" in p or "offsets" in p for p in paths)
+  assert set(frozen["dynadiag"]) == set(frozen["params"]) == {"DiagDense_0", "DiagDense_1"}
+  for layer in frozen["dynadiag"].values():
+    assert set(layer) == {"offsets", "in_features"}
+    assert all(isinstance(a, static.StaticArray) for a in layer.values())
   for cluster in (False, True):
     calls = sum(diag._host_layout.cache_info()[:2])  # hits + misses
     _compare_training(x, y, frozen, f"frozen cluster={cluster} seed={seed}",

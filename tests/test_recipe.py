@@ -170,3 +170,22 @@ def test_one_recipe_drives_layer_optimizer_and_schedule(rng):
   a = np.asarray(v["params"]["fc1"]["alpha"])
   np.testing.assert_allclose(u["fc1"]["alpha"], -1.0 * 3.0 * 1e-2 * np.sign(a), rtol=1e-6)
   chex.assert_trees_all_equal(u["head"], zeros["head"])
+
+
+def test_a_phase_entered_around_a_jitted_call_is_refused(rng):
+  """jax's compile cache does not see the phase: entered outside jit it would go stale."""
+  net, x, v = _fresh(rng, dd.recipe.PAPER)
+  f = jax.jit(lambda v, x: net.apply(v, x))
+  with pytest.raises(dd.PhaseError, match="outside jax.jit"):
+    with dd.Phase(1.0).active():
+      f(v, x)
+  g = jax.jit(lambda v, x: dd.with_phase(net, 0.0, 1.0).apply(v, x))  # entered inside: fine
+  chex.assert_trees_all_close(g(v, x), dd.with_phase(net, 0.0, 1.0).apply(v, x), rtol=1e-5,
+                              atol=1e-6)
+
+
+def test_the_gate_check_holds_under_jit(rng):
+  net, x, v = _fresh(rng, dd.recipe.PAPER)
+  other = UserNet(dd.recipe.DEFAULT)
+  with pytest.raises(ValueError, match="made with gate 'soft_topk'"):
+    jax.jit(lambda v, x: dd.with_phase(other, 0.5, 1.0).apply(v, x))(v, x)

@@ -37,3 +37,30 @@ def test_k_active():
 def test_bad_config(kw):
   with pytest.raises(ValueError):
     dd.Schedule(**kw)
+
+
+def test_phase_checks_level_and_k_start_fraction_when_built():
+  ph = dd.Phase(0.5, 0.3, 0.8)
+  assert (ph.level, ph.temperature, ph.k_start_fraction) == (0.5, 0.3, 0.8)
+  assert dd.Phase() == dd.Phase(1.0, schedules.DEFAULT_TEMPERATURE, 1.0)
+  for kw, msg in [(dict(level=1.5), "level must lie in"), (dict(level=-0.1), "level must lie in"),
+                  (dict(k_start_fraction=1.2), "k_start_fraction must lie in"),
+                  (dict(k_start_fraction=-1), "k_start_fraction must lie in")]:
+    with pytest.raises(ValueError, match=msg):
+      dd.Phase(**kw)
+
+
+def test_phase_active_sets_the_current_phase_innermost_first():
+  assert schedules.current_phase() is None
+  outer, inner = dd.Phase(1.0, 2.0), dd.Phase(0.0, 0.1)
+  with outer.active() as got:
+    assert got is outer and schedules.current_phase() is outer
+    with inner.active():
+      assert schedules.current_phase() is inner
+    assert schedules.current_phase() is outer
+  assert schedules.current_phase() is None
+  with pytest.raises(KeyError):
+    with inner.active():
+      raise KeyError("left on an error")
+  assert schedules.current_phase() is None  # reset on the way out
+  assert issubclass(dd.PhaseError, RuntimeError)
