@@ -7,7 +7,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
+from dynadiag_jax import pattern
+from dynadiag_jax.diag_dense import COLLECTION
 from dynadiag_jax.probe import LinearCall, linear_calls
 
 
@@ -49,22 +52,44 @@ def _at(tree: Any, path: tuple[str, ...]) -> Any:
   return tree
 
 
-def _row(c: LinearCall) -> list[str]:
+def unconnected(variables: Any, c: LinearCall) -> tuple[int, int] | None:
+  """(inputs, outputs) of a DiagDense that no kept diagonal touches (None for nn.Dense).
+
+  Frozen layers by their offsets, exploring ones by the top-K of alpha (what the freeze
+  keeps). A wrapped diagonal of a rectangular layer covers only D = min / b blocks of the
+  long side, so K overlapping ones can leave inputs or outputs with no weight at all.
+  """
+  if not c.sparse:
+    return None
+  col = _at(variables.get(COLLECTION, {}), c.path)
+  if "offsets" in col:
+    o_K = np.asarray(col["offsets"]).reshape(-1)
+  else:
+    alpha = np.asarray(_at(variables["params"], c.path)["alpha"]).reshape(-1)
+    o_K = np.sort(np.argsort(-alpha, kind="stable")[:c.k])
+  rows_KxD, cols_KxD = pattern.offset_coords(o_K.astype(np.int32), c.m, c.n, c.block)
+  b = c.block
+  return (c.m - b * len(np.unique(rows_KxD)), c.n - b * len(np.unique(cols_KxD)))
+
+
+def _row(c: LinearCall, dead: tuple[int, int] | None = None) -> list[str]:
   kind = ("diag, frozen" if c.frozen else "diag") if c.sparse else "dense"
   k = f"{c.k}" + (f" ({c.k_active} active)" if c.sparse and c.k_active != c.k else "")
   got = 1.0 - c.nonzeros / (c.m * c.n)
   return ["/".join(c.path), kind, f"{c.m}x{c.n}", str(c.block) if c.sparse else "-",
           str(c.p) if c.sparse else "-", k if c.sparse else "-",
           f"{c.requested:.3f}" if c.sparse else "-", f"{got:.4f}", f"{c.nonzeros:,}",
-          f"{c.m * c.n:,}", f"{c.n if c.use_bias else 0:,}"]
+          f"{c.m * c.n:,}", f"{c.n if c.use_bias else 0:,}",
+          "-" if dead is None else f"{dead[0]:,} / {dead[1]:,}"]
 
 
 def summarize(model: nn.Module, variables: Any, *inputs, **kwargs) -> str:
-  """A table per linear layer (shape, block, P, K, sparsity asked and got, weights) and totals."""
+  """A table per linear layer (shape, block, P, K, sparsity asked and got, weights, inputs and
+  outputs no kept diagonal touches) and totals."""
   t = totals(model, variables, *inputs, **kwargs)
   head = ["layer", "kind", "m x n", "b", "P", "K", "sparsity asked", "sparsity got",
-          "kernel weights", "dense kernel", "bias"]
-  rows = [head] + [_row(c) for c in t["layers"]]
+          "kernel weights", "dense kernel", "bias", "unconnected in / out"]
+  rows = [head] + [_row(c, unconnected(variables, c)) for c in t["layers"]]
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w)
                             for i, (v, w) in enumerate(zip(r, widths)))

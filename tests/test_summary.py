@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import dynadiag_jax as dd
 from dynadiag_jax import pattern
@@ -26,3 +27,22 @@ def test_totals_and_table():
   t2 = dd.totals(model, frozen, x)
   assert (t2["stored_params"], t2["dense_params"]) == (t["stored_params"], t["dense_params"])
   assert "frozen" in dd.summarize(model, frozen, x)
+
+
+def test_summary_reports_inputs_and_outputs_no_kept_diagonal_touches():
+  """8x32 at K = 2 adjacent diagonals: each covers the 8 inputs and 8 of the 32 outputs."""
+  layer = dd.DiagDense(32, sparsity=0.95)
+  x = jnp.ones((1, 8))
+  v = layer.init(jax.random.PRNGKey(0), x)
+  alpha = np.zeros(32, np.float32)
+  alpha[[5, 6]] = 1.0  # the top-2: offsets 5 and 6 cover outputs 5..13
+  v["params"]["alpha"] = jnp.asarray(alpha)
+  calls = dd.linear_calls(layer, v, x)
+  assert dd.summary.unconnected(v, calls[0]) == (0, 32 - 9)
+  frozen, _ = dd.freeze(v)
+  assert dd.summary.unconnected(frozen, dd.linear_calls(layer, frozen, x)[0]) == (0, 23)
+  table = dd.summarize(layer, frozen, x)
+  assert "unconnected in / out" in table and "0 / 23" in table
+  wide = dd.DiagDense(8, sparsity=0.0)  # every diagonal: nothing unconnected
+  vw = wide.init(jax.random.PRNGKey(0), jnp.ones((1, 32)))
+  assert dd.summary.unconnected(vw, dd.linear_calls(wide, vw, jnp.ones((1, 32)))[0]) == (0, 0)
