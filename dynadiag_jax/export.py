@@ -7,10 +7,12 @@
   so the function specialises on them as the training loop does; they travel inside the
   serialized module, not as weights. Loading and running it needs only jax and numpy:
 
-      from jax import export
+      import jax
       import numpy as np
-      exp = export.deserialize(bytearray(open(f"{path}/exported.bin", "rb").read()))
-      y = exp.call(dict(np.load(f"{path}/weights.npz")), x)
+      exp = jax.export.deserialize(bytearray(open(f"{path}/exported.bin", "rb").read()))
+      weights = jax.device_put(dict(np.load(f"{path}/weights.npz")))
+      run = jax.jit(exp.call)  # jitted: one dispatch per call, weights stay on the device
+      y = run(weights, x)
 
 - `densify(model, variables)` turns every frozen DiagDense into `nn.Dense`'s {kernel, bias}
   at the same path: the variables of the same model built with `LayerFactory()` (all
@@ -165,7 +167,8 @@ def load(path: str | os.PathLike):
   with np.load(os.path.join(path, WEIGHTS)) as z:
     weights = {k: z[k] if z[k].dtype.name == dtypes[k] else z[k].view(jnp.dtype(dtypes[k]))
                for k in z.files}
-  return lambda x: exp.call(weights, x)
+  weights, run = jax.device_put(weights), jax.jit(exp.call)
+  return lambda x: run(weights, x)
 
 
 def dense_model(model: nn.Module) -> nn.Module:

@@ -46,13 +46,14 @@ def _frozen(model, x, seed=0):
 
 LOADER = textwrap.dedent("""
     import sys
+    import jax
     import numpy as np
-    from jax import export
 
     def load(path):  # docs/EXPORT.md: plain jax + numpy
-      exp = export.deserialize(bytearray(open(f"{path}/exported.bin", "rb").read()))
-      weights = dict(np.load(f"{path}/weights.npz"))
-      return lambda x: exp.call(weights, x)
+      exp = jax.export.deserialize(bytearray(open(f"{path}/exported.bin", "rb").read()))
+      weights = jax.device_put(dict(np.load(f"{path}/weights.npz")))
+      run = jax.jit(exp.call)
+      return lambda x: run(weights, x)
 
     cases = np.load(sys.argv[1])
     worst = {}
