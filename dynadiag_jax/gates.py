@@ -74,7 +74,7 @@ HARD = ("st_topk", "st_topk_shadow")  # gates whose forward value is the hard 0/
 SHADOW = ("st_topk_shadow",)
 PAPER = "soft_topk"  # the paper's gate (with the paper's schedule, `schedules.Schedule`)
 # The default of DiagDense, LayerFactory, advance / freeze and configs/common.py: the best
-# measured recipe (README, Evidence: mnist_mlp, 3 seeds; soft_topk stays selectable).
+# measured recipe (docs/RESULTS.md, mnist_mlp, 3 seeds; soft_topk stays selectable).
 DEFAULT = "st_topk_shadow"
 
 

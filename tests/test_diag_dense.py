@@ -185,7 +185,7 @@ def test_st_topk_shadow_same_forward_dense_value_grad(level, rng):
 def test_one_default_gate_everywhere():
   import inspect  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
-  assert gates.DEFAULT == "st_topk_shadow" and gates.PAPER == "soft_topk"  # README, Evidence
+  assert gates.DEFAULT == "st_topk_shadow" and gates.PAPER == "soft_topk"  # docs/RESULTS.md
   assert dd.DiagDense(4).gate == dd.LayerFactory().gate == common.base().gate == gates.DEFAULT
   for fn in (dd.freeze, dd.advance):
     assert inspect.signature(fn).parameters["gate"].default == gates.DEFAULT

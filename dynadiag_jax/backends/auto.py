@@ -1,6 +1,6 @@
 """The `auto` rule: which backend `diag_matmul` runs, by platform, block, rows and K / P.
 
-Measured on CPU with `benchmarks/layers.py` (README "Speed on CPU", where the table and
+Measured on CPU with `benchmarks/layers.py` (docs/SPEED_CPU.md, where the table and
 this rule sit side by side):
 - block = 1: the dense backend scatters the K diagonals into W on every call, which loses
   to `nn.Dense` itself by 4-20x at few rows; `xla` reads only the K x D values (windows

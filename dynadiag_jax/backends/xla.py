@@ -21,7 +21,7 @@ slices as scalar code once it holds more than ~100 terms, and a chain of depende
 per-element adds); the scatter form updates windows of an accumulator in place, in row
 tiles. With many rows (from `DENSE_ROWS_B1`) dvalues come from the GEMM x.T @ dy, and the
 gather (scatter) form product too once K / P exceeds `WINDOWS_MAX_DENSITY_B1`
-(`SCATTER_MAX_DENSITY_B1`), measured, README "Speed on CPU".
+(`SCATTER_MAX_DENSITY_B1`), measured, docs/SPEED_CPU.md.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import numpy as np
 
 from dynadiag_jax import ops, pattern
 # b = 1: from DENSE_ROWS_B1 rows on, dvalues from x.T @ dy and, above the density bounds,
-# y and dx from x @ densify(W) (README "Speed on CPU")
+# y and dx from x @ densify(W) (docs/SPEED_CPU.md)
 from dynadiag_jax.backends.auto import (DENSE_ROWS_B1, SCATTER_MAX_DENSITY_B1,
                                         WINDOWS_MAX_DENSITY_B1, few_rows)
 from dynadiag_jax.pattern import Geometry
