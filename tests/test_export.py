@@ -182,3 +182,20 @@ def test_diag_matmul_exports_with_a_symbolic_row_count(backend, m, n, block, k, 
   for rows in (1, 30):  # 3 and 90 rows: both sides of the row bounds of concrete shapes
     x = jnp.asarray(rng.normal(size=(rows, 3, m)), jnp.float32)
     np.testing.assert_allclose(exp.call(x), x @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_export_for_two_platforms_and_bfloat16_weights(tmp_path):
+  """platforms=('cpu', 'cuda') lowers both (runs the cpu half here); bfloat16 weights travel
+  as their bits and `load` views them back."""
+  model = MLP(hidden=(64,), linear=dd.LayerFactory.from_dict({"fc1": 0.9},
+                                                             param_dtype=jnp.bfloat16))
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8))
+  v = _frozen(model, x)
+  v = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16) if a.dtype == np.float32 else a, v)
+  exp = ddx.export(model, v, x, tmp_path, platforms=("cpu", "cuda"))
+  assert exp.platforms == ("cpu", "cuda")
+  meta = json.loads((tmp_path / "meta.json").read_text())
+  assert meta["weights"]["fc1/values"]["dtype"] == "bfloat16"
+  with np.load(tmp_path / "weights.npz") as z:
+    assert z["fc1/values"].dtype == np.uint16
+  np.testing.assert_allclose(ddx.load(tmp_path)(x), jax.jit(model.apply)(v, x), rtol=1e-2, atol=1e-2)
