@@ -171,6 +171,16 @@ def _bwd(geo, backend, cfg, static, res, dy_BxN):
 _diag_matmul.defvjp(_fwd, _bwd)
 
 
+def row_count(lead: tuple) -> Any:
+  """prod(lead): an int, or a symbolic expression when a dimension is symbolic (jax.export).
+
+  Code that branches on the row count treats a symbolic one as many rows (`auto.few_rows`).
+  """
+  if all(isinstance(d, (int, np.integer)) for d in lead):
+    return int(np.prod(lead, dtype=np.int64))
+  return functools.reduce(lambda a, d: a * d, lead, 1)
+
+
 def diag_matmul(x, values, offsets, m: int, n: int, backend: str = "auto",
                 kernel: KernelConfig | None = None) -> jax.Array:
   """y_...xN = x_...xM @ W, W the (m, n) kernel with `values` on the diagonals `offsets`.
@@ -186,7 +196,7 @@ def diag_matmul(x, values, offsets, m: int, n: int, backend: str = "auto",
   if x.shape[-1] != m:
     raise ValueError(f"x has {x.shape[-1]} features on its last axis, the kernel needs {m}")
   lead = x.shape[:-1]
-  rows = int(np.prod(lead, dtype=np.int64))
+  rows = row_count(lead)
   be = resolve_backend(backend, geo, rows, int(jnp.shape(offsets)[0]))
   if pattern.is_concrete(offsets):
     o_K, static = jnp.zeros((0,), jnp.int32), StaticOffsets(offsets)

@@ -286,7 +286,7 @@ def test_variables_keep_the_gate_they_were_made_with(rng):
 
 def test_one_default_recipe_everywhere():
   import inspect  # pylint: disable=g-import-not-at-top
-  assert gates.DEFAULT == "st_topk_shadow" and gates.PAPER == "soft_topk"  # README, Evidence
+  assert gates.DEFAULT == "st_topk_shadow" and gates.PAPER == "soft_topk"  # docs/RESULTS.md
   assert dd.recipe.DEFAULT.gate == gates.DEFAULT and dd.recipe.PAPER.gate == gates.PAPER
   assert dd.DiagDense(4).recipe == dd.LayerFactory().recipe == dd.recipe.DEFAULT
   assert dd.DiagDense(4).recipe.gate == dd.LayerFactory().recipe.gate == gates.DEFAULT

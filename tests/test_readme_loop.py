@@ -20,8 +20,8 @@ def readme_loop() -> str:
 
 def test_the_readme_loop_runs_and_its_frozen_step_has_exact_layouts(monkeypatch, capsys):
   code = readme_loop()
-  assert "steps = 300" in code
-  code = code.replace("steps = 300", "steps = 12")  # a short run of the same loop
+  assert "dd.recipe.DEFAULT, 300" in code
+  code = code.replace("dd.recipe.DEFAULT, 300", "dd.recipe.DEFAULT, 12")  # a short run
   seen = []
   real = dd.ops.diag_matmul
 

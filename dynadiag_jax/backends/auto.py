@@ -1,6 +1,6 @@
 """The `auto` rule: which backend `diag_matmul` runs, by platform, block, rows and K / P.
 
-Measured on CPU with `benchmarks/layers.py` (README "Speed on CPU", where the table and
+Measured on CPU with `benchmarks/layers.py` (docs/SPEED_CPU.md, where the table and
 this rule sit side by side):
 - block = 1: the dense backend scatters the K diagonals into W on every call, which loses
   to `nn.Dense` itself by 4-20x at few rows; `xla` reads only the K x D values (windows
@@ -38,13 +38,18 @@ def _max_density(b: int) -> float:
   return CPU_XLA_MAX_DENSITY[max(known)] if known else 0.0
 
 
+def few_rows(rows) -> bool:
+  """rows < DENSE_ROWS_B1; a symbolic row count (jax.export, any batch) counts as many."""
+  return isinstance(rows, int) and rows < DENSE_ROWS_B1
+
+
 def choose(geo: Geometry | None, rows: int | None, k: int | None, platform: str) -> str:
   """The backend name for one product: 'dense', 'xla' or 'pallas'."""
   if platform == "gpu":
     return "pallas" if geo is None or geo.block >= 16 else "dense"
   if geo is None or rows is None or k is None:
     return "dense"
-  if rows < DENSE_ROWS_B1:
+  if few_rows(rows):
     return "xla"
   if geo.block == 1:
     return "xla" if k / geo.P <= WINDOWS_MAX_DENSITY_B1 else "dense"

@@ -21,7 +21,7 @@ slices as scalar code once it holds more than ~100 terms, and a chain of depende
 per-element adds); the scatter form updates windows of an accumulator in place, in row
 tiles. With many rows (from `DENSE_ROWS_B1`) dvalues come from the GEMM x.T @ dy, and the
 gather (scatter) form product too once K / P exceeds `WINDOWS_MAX_DENSITY_B1`
-(`SCATTER_MAX_DENSITY_B1`), measured, README "Speed on CPU".
+(`SCATTER_MAX_DENSITY_B1`), measured, docs/SPEED_CPU.md.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ import numpy as np
 
 from dynadiag_jax import ops, pattern
 # b = 1: from DENSE_ROWS_B1 rows on, dvalues from x.T @ dy and, above the density bounds,
-# y and dx from x @ densify(W) (README "Speed on CPU")
+# y and dx from x @ densify(W) (docs/SPEED_CPU.md)
 from dynadiag_jax.backends.auto import (DENSE_ROWS_B1, SCATTER_MAX_DENSITY_B1,
-                                        WINDOWS_MAX_DENSITY_B1)
+                                        WINDOWS_MAX_DENSITY_B1, few_rows)
 from dynadiag_jax.pattern import Geometry
 
 # blocks: below this many rows the scatter form sums K padded pieces in one fusion.
@@ -169,7 +169,7 @@ def _scatter_form(a_SxBxb, w_KxSxbxb, pat, l: int, prec) -> jax.Array:
   o_np = _offsets_np(pat)
   if o_np is not None and k <= _RUNS_MAX_K:  # each diagonal's S blocks: one padded run
     return _runs(z_SxBxq, o_np, l)
-  if o_np is not None and rows >= _MANY_ROWS:  # each output block: a constant sum of pieces
+  if o_np is not None and _many(rows, _MANY_ROWS):  # each output block: a constant sum of pieces
     y = jnp.zeros((rows, l * b), _F32)  # written in place, block by block
     for j, pieces in enumerate(_landing(o_np.tobytes(), s, l)):
       if pieces:
@@ -263,7 +263,7 @@ def _gather_b1(a_BxL, v_KxS, pat, s: int) -> jax.Array:
   def term(i, o):
     return _win(aa, o, s, axis=1) * _at(v_KxS, i)
 
-  g = max(16, _GATHER_GROUP // rows)  # measured: 64 at 1 row, 16 at 8 rows
+  g = max(16, _GATHER_GROUP // rows) if isinstance(rows, int) else 16  # 64 at 1 row, 16 at 8
 
   def step(j, acc):
     i0 = j * g
@@ -309,7 +309,7 @@ _ROW_TILE = 64  # rows per tile of the scatter form (its windows of acc stay in 
 def _tiled(f, a_BxL, *rest):
   """f over tiles of _ROW_TILE rows (so that each tile's windows stay in cache)."""
   rows, l = a_BxL.shape
-  if rows <= _ROW_TILE:
+  if not _many(rows, _ROW_TILE + 1):
     return f(a_BxL, *rest)
   nt = -(-rows // _ROW_TILE)
   a = jnp.pad(a_BxL, ((0, nt * _ROW_TILE - rows), (0, 0))).reshape(nt, _ROW_TILE, l)
@@ -373,8 +373,13 @@ def _num(pat) -> int:
   return _offsets(pat).shape[0]
 
 
-def _few(rows: int) -> bool:
-  return rows < DENSE_ROWS_B1
+def _few(rows) -> bool:
+  return few_rows(rows)
+
+
+def _many(rows, bound: int) -> bool:
+  """rows >= bound; a symbolic row count (jax.export) counts as many."""
+  return not isinstance(rows, int) or rows >= bound
 
 
 def _windows(rows: int, pat, geo: Geometry, scatter: bool) -> bool:
