@@ -11,14 +11,17 @@ from dynadiag_jax.summary import summarize, totals
 
 __all__ = [
     "DiagDense", "LayerFactory", "Phase", "PhaseError", "Recipe", "Schedule", "advance",
-    "allocation", "analysis", "exploring_layers", "freeze", "gates", "linear_calls", "ops",
+    "allocation", "analysis", "export", "exploring_layers", "freeze", "gates", "linear_calls", "ops",
     "optim", "pattern", "recipe", "schedules", "static", "summarize", "totals", "with_phase",
 ]
 
 
+_LAZY = ("analysis", "export")  # imported on first use (networkx takes ~1 s to import)
+
+
 def __getattr__(name: str):
-  """`dd.analysis`, imported on first use (networkx takes ~1 s to import)."""
-  if name == "analysis":
+  """`dd.analysis`, `dd.export`: imported on first use."""
+  if name in _LAZY:
     import importlib  # pylint: disable=g-import-not-at-top
     return importlib.import_module("dynadiag_jax.analysis")
   raise AttributeError(f"module 'dynadiag_jax' has no attribute {name!r}")
