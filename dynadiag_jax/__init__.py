@@ -23,5 +23,5 @@ def __getattr__(name: str):
   """`dd.analysis`, `dd.export`: imported on first use."""
   if name in _LAZY:
     import importlib  # pylint: disable=g-import-not-at-top
-    return importlib.import_module("dynadiag_jax.analysis")
+    return importlib.import_module(f"dynadiag_jax.{name}")
   raise AttributeError(f"module 'dynadiag_jax' has no attribute {name!r}")
