@@ -120,7 +120,8 @@ def _dense_dv(x_BxM, dy_BxN, o_K, geo, cfg):
   return pattern.gather_diagonals(dw_MxN, o_K, geo.m, geo.n, geo.block)
 
 
-register_backend(Backend("dense", _dense_fwd, _dense_dx, _dense_dv))
+DENSE = Backend("dense", _dense_fwd, _dense_dx, _dense_dv)  # also the GEMM form of `xla`
+register_backend(DENSE)
 
 
 # -- the primitive -------------------------------------------------------------------------

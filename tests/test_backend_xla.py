@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dynadiag_jax import ops
-from dynadiag_jax.backends import xla
+from dynadiag_jax.backends import auto, xla
 
 _TOL = dict(rtol=2e-4, atol=2e-4)
 
@@ -50,11 +50,11 @@ def _run(backend, x, v, o, c, m, n, traced):
 # (m, n, block, K, rows): square, tall (m > n), wide (m < n), odd sizes, a wide kernel
 # whose n is no multiple of m, b = 1 with few rows (elementwise forms) and with many rows
 # (the GEMM path), blocks of 16 and 32.
-assert 2 / 40 <= xla.WINDOWS_MAX_DENSITY_B1 < 3 / 20
-assert 1 / 100 <= xla.SCATTER_MAX_DENSITY_B1 < 2 / 40
+assert 2 / 40 <= auto.WINDOWS_MAX_DENSITY_B1 < 3 / 20
+assert 1 / 100 <= auto.SCATTER_MAX_DENSITY_B1 < 2 / 40
 CASES = [
     (24, 24, 1, 5, 3), (40, 15, 1, 6, 5), (15, 40, 1, 7, 2), (9, 31, 1, 31, 1),
-    (31, 9, 1, 2, 4), (20, 12, 1, 3, xla.DENSE_ROWS_B1 + 3),
+    (31, 9, 1, 2, 4), (20, 12, 1, 3, auto.DENSE_ROWS_B1 + 3),
     # b = 1, many rows, K / P <= 0.1: windows for the gather form, GEMM for the scatter
     # form and dvalues; K / P = 0.01: windows for both (the scatter form in row tiles, rows
     # no multiple of the tile); K past one loop group

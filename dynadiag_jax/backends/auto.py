@@ -43,6 +43,14 @@ def few_rows(rows) -> bool:
   return isinstance(rows, int) and rows < DENSE_ROWS_B1
 
 
+def b1_windows(rows, k: int, p: int, scatter: bool) -> bool:
+  """Whether the `xla` backend runs a block-1 product y / dx as windows over the K diagonals
+  (few rows, or K / P within the bound of its form: `scatter` for the accumulator form),
+  else as the dense backend's GEMM on W."""
+  bound = SCATTER_MAX_DENSITY_B1 if scatter else WINDOWS_MAX_DENSITY_B1
+  return few_rows(rows) or k / p <= bound
+
+
 def choose(geo: Geometry | None, rows: int | None, k: int | None, platform: str) -> str:
   """The backend name for one product: 'dense', 'xla' or 'pallas'."""
   if platform == "gpu":

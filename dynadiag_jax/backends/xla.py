@@ -19,9 +19,8 @@ fori_loop over groups of diagonals whose body is one small elementwise fusion wi
 dynamic slice per diagonal, which LLVM vectorises (XLA emits one fusion of K static
 slices as scalar code once it holds more than ~100 terms, and a chain of dependent
 per-element adds); the scatter form updates windows of an accumulator in place, in row
-tiles. With many rows (from `DENSE_ROWS_B1`) dvalues come from the GEMM x.T @ dy, and the
-gather (scatter) form product too once K / P exceeds `WINDOWS_MAX_DENSITY_B1`
-(`SCATTER_MAX_DENSITY_B1`), measured, docs/SPEED_CPU.md.
+tiles. Which form each product takes is `auto`'s rule (`auto.few_rows`, `auto.b1_windows`,
+measured, docs/SPEED_CPU.md); the GEMM form is the dense backend's own product (`ops.DENSE`).
 """
 
 from __future__ import annotations
@@ -33,10 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynadiag_jax import ops, pattern
-# b = 1: from DENSE_ROWS_B1 rows on, dvalues from x.T @ dy and, above the density bounds,
-# y and dx from x @ densify(W) (docs/SPEED_CPU.md)
-from dynadiag_jax.backends.auto import (DENSE_ROWS_B1, SCATTER_MAX_DENSITY_B1,
-                                        WINDOWS_MAX_DENSITY_B1, few_rows)
+from dynadiag_jax.backends.auto import b1_windows, few_rows
 from dynadiag_jax.pattern import Geometry
 
 # blocks: below this many rows the scatter form sums K padded pieces in one fusion.
@@ -364,28 +360,13 @@ def _dv_b1(x_BxM, dy_BxN, pat, m: int, n: int, k: int):
   return _rows_b1(dy_BxN, x_BxM, pat, k)
 
 
-def _dense_w(v, pat, geo: Geometry):
-  o = _offsets(pat)
-  return pattern.densify(v, o, geo.m, geo.n, geo.block)
-
-
 def _num(pat) -> int:
   return _offsets(pat).shape[0]
-
-
-def _few(rows) -> bool:
-  return few_rows(rows)
 
 
 def _many(rows, bound: int) -> bool:
   """rows >= bound; a symbolic row count (jax.export) counts as many."""
   return not isinstance(rows, int) or rows >= bound
-
-
-def _windows(rows: int, pat, geo: Geometry, scatter: bool) -> bool:
-  """b = 1 products y / dx: windows (few rows, or sparse enough for the form) or a GEMM on W."""
-  bound = SCATTER_MAX_DENSITY_B1 if scatter else WINDOWS_MAX_DENSITY_B1
-  return _few(rows) or _num(pat) / geo.P <= bound
 
 
 # -- the backend -----------------------------------------------------------------------------
@@ -394,29 +375,27 @@ def fwd(x_BxM, v, pat, geo: Geometry, cfg):
   """y = x @ W."""
   if geo.block > 1:
     return _fwd_blocks(x_BxM, v, pat, geo, cfg)
-  if _windows(x_BxM.shape[0], pat, geo, scatter=geo.m < geo.n):
+  if b1_windows(x_BxM.shape[0], _num(pat), geo.P, scatter=geo.m < geo.n):
     return _fwd_b1(x_BxM, v, pat, geo.m, geo.n).astype(_out_dtype(x_BxM, v))
-  return jnp.matmul(x_BxM, _dense_w(v, pat, geo), precision=cfg.precision)
+  return ops.DENSE.fwd(x_BxM, v, _offsets(pat), geo, cfg)
 
 
 def dx(dy_BxN, v, pat, geo: Geometry, cfg):
   """dx = dy @ W.T."""
   if geo.block > 1:
     return _dx_blocks(dy_BxN, v, pat, geo, cfg)
-  if _windows(dy_BxN.shape[0], pat, geo, scatter=geo.m >= geo.n):
+  if b1_windows(dy_BxN.shape[0], _num(pat), geo.P, scatter=geo.m >= geo.n):
     return _dx_b1(dy_BxN, v, pat, geo.m, geo.n).astype(_out_dtype(dy_BxN, v))
-  return jnp.matmul(dy_BxN, _dense_w(v, pat, geo).T, precision=cfg.precision)
+  return ops.DENSE.dx(dy_BxN, v, _offsets(pat), geo, cfg)
 
 
 def dv(x_BxM, dy_BxN, pat, geo: Geometry, cfg):
   """dv[k, t] = x_rows.T @ dy_cols, shaped like the values."""
   if geo.block > 1:
     return _dv_blocks(x_BxM, dy_BxN, pat, geo, cfg)
-  if _few(x_BxM.shape[0]):
+  if few_rows(x_BxM.shape[0]):
     return _dv_b1(x_BxM, dy_BxN, pat, geo.m, geo.n, _num(pat))
-  dw_MxN = jnp.matmul(x_BxM.T, dy_BxN, precision=cfg.precision, preferred_element_type=_F32)
-  o = _offsets(pat)
-  return pattern.gather_diagonals(dw_MxN, o, geo.m, geo.n, geo.block)
+  return ops.DENSE.dv(x_BxM, dy_BxN, _offsets(pat), geo, cfg)
 
 
 BACKEND = ops.Backend("xla", fwd, dx, dv, prepare)
