@@ -433,6 +433,20 @@ def layers_per_call_gpu(rows: int) -> int:
   return 4 if rows <= 2048 else 1
 
 
+def _calls_per_sample(vs: dict, target_s: float, base: str) -> int:
+  """n back-to-back calls per sample: `base`'s sample >= target_s (as
+  benchmarks.layers.calls_per_sample), but no variant's sample over 10 x target_s, so that
+  a variant many times slower than the base does not eat the budget."""
+  import jax  # pylint: disable=import-outside-toplevel
+  one = {}
+  for k, (fn, p, xs) in vs.items():
+    t = time.perf_counter()
+    jax.block_until_ready(fn(p, xs))
+    one[k] = max(time.perf_counter() - t, 1e-7)
+  calls = math.ceil(target_s / one[base])
+  return max(1, min(calls, int(10 * target_s / max(one.values()))))
+
+
 def _layer_cases(cfg: dict) -> list[tuple]:
   """(sparsity, dtype, mode, (m, n), rows) in the order run: every 90% case first."""
   if "cases" in cfg:
@@ -529,7 +543,7 @@ def section_layers(rec: Record, budget: Budget, cfg: dict) -> None:
         continue
       dense_cache[dkey] = vs["nn.Dense"]
       try:
-        calls = layers.calls_per_sample(vs, cfg["target_s"])
+        calls = _calls_per_sample(vs, cfg["target_s"], "nn.Dense")
         med = layers.time_round_robin(vs, cfg["repeats"], calls)
       except Exception as e:  # pylint: disable=broad-except
         case["errors"]["timing"] = err_line(e)
@@ -556,13 +570,15 @@ def _torch_time(torch, fns: dict, repeats: int, target_s: float, cuda: bool) -> 
     if cuda:
       torch.cuda.synchronize()
 
-  base = fns["F.linear"]
-  sync()
-  t = time.perf_counter()
-  for _ in range(3):
-    base()
-  sync()
-  calls = max(1, math.ceil(target_s / max((time.perf_counter() - t) / 3, 1e-7)))
+  one = {}
+  for k, fn in fns.items():  # one call each: F.linear sets n, the slowest caps it
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    one[k] = max(time.perf_counter() - t, 1e-7)
+  calls = max(1, min(math.ceil(target_s / one["F.linear"]),
+                     int(10 * target_s / max(one.values()))))
   times = {k: [] for k in fns}
   for _ in range(repeats):
     for k, fn in fns.items():
@@ -825,13 +841,10 @@ def section_models(rec: Record, budget: Budget, cfg: dict) -> None:
 
 def _time_models(vs: dict, repeats: int, target_s: float):
   """(median seconds per call of each variant, calls per sample) by
-  `benchmarks.layers.time_round_robin`; calls per sample from the first variant's time."""
-  import jax  # pylint: disable=import-outside-toplevel
+  `benchmarks.layers.time_round_robin`; calls per sample from the first variant's time,
+  capped so that no variant's sample passes 10 x target_s."""
   from benchmarks import layers  # pylint: disable=import-outside-toplevel
-  fn, st, xs = next(iter(vs.values()))
-  t = time.perf_counter()
-  jax.block_until_ready(fn(st, xs))
-  calls = min(20, max(1, math.ceil(target_s / max(time.perf_counter() - t, 1e-7))))
+  calls = _calls_per_sample(vs, target_s, next(iter(vs)))
   return layers.time_round_robin(vs, repeats, calls), calls
 
 
