@@ -7,9 +7,11 @@ from typing import Callable
 
 import jax.numpy as jnp
 from jax import lax
-from jax.experimental.pallas import triton as pl_triton
 
+from pallas_kernels import compat
 from pallas_kernels.bcsr import check_block
+
+compat.silence_triton_deprecation()  # jax 0.11 warns on every Triton lowering (compat.py)
 
 # Shared memory one thread block may use on an H100 (sharedMemPerBlockOptin, 227 KiB;
 # pallas_kernels/targets/h100_sxm.txtpb); an A100 allows 163 KiB.
@@ -35,7 +37,7 @@ def smem_estimate(name: str, b: int, bt: int, dtype, num_stages: int) -> int:
   return max(num_stages * (a + w) * jnp.dtype(dtype).itemsize, 4 * acc)
 
 
-def compiler_params(name: str, b: int, bt: int, dtype) -> pl_triton.CompilerParams:
+def compiler_params(name: str, b: int, bt: int, dtype):
   """Triton params of one kernel; passing them on every pallas_call keeps GPU lowering off
   Mosaic GPU. 4 warps up to 32 x 32 blocks, 8 beyond (4 spill registers at 128 in f32);
   2 pipeline stages where they fit in shared memory, else 1; ValueError if even 1 does not.
@@ -43,7 +45,7 @@ def compiler_params(name: str, b: int, bt: int, dtype) -> pl_triton.CompilerPara
   num_warps = 4 if b <= 32 else 8
   for num_stages in (2, 1):
     if smem_estimate(name, b, bt, dtype, num_stages) <= SMEM_LIMIT:
-      return pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+      return compat.triton_compiler_params(num_warps=num_warps, num_stages=num_stages)
   raise ValueError(
       f"{name}: block {b} with batch tile {bt} in {jnp.dtype(dtype).name} needs "
       f"{smem_estimate(name, b, bt, dtype, 1)} bytes of shared memory per program, over "

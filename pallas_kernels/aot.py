@@ -133,8 +133,10 @@ def compile_kernels(f: Callable, *args, device, static_argnums=(),
   args = jax.tree.map(put, args, is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
   tmp = dump_dir or tempfile.mkdtemp(prefix="aot_dump_")
   try:
-    jax.jit(f, static_argnums=static_argnums).trace(*args).lower().compile(
-        compiler_options={"xla_dump_to": tmp})
+    from pallas_kernels import compat  # pylint: disable=import-outside-toplevel
+    with compat.cuda_lowering(getattr(device, "device_kind", compat.H100_KIND)):
+      lowered = jax.jit(f, static_argnums=static_argnums).trace(*args).lower()
+    lowered.compile(compiler_options={"xla_dump_to": tmp})
     return read_dump(tmp)
   finally:
     if dump_dir is None:

@@ -63,7 +63,8 @@ def capture() -> Iterator[list[TritonModule]]:
 
 def triton_modules(f: Callable, *args) -> list[TritonModule]:
   """The Triton modules of jit(f)(*args) lowered for cuda (no GPU or plugin needed)."""
-  with capture() as got:
+  from pallas_kernels import compat  # pylint: disable=import-outside-toplevel
+  with capture() as got, compat.cuda_lowering():
     jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
   return got
 
