@@ -23,3 +23,19 @@ def rng(request) -> np.random.Generator:
   seed = int.from_bytes(os.urandom(4), "little")
   print(f"{request.node.name}: seed {seed}")
   return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def concrete_offsets(monkeypatch) -> list[bool]:
+  """Whether each later dd.ops.diag_matmul call saw its offsets concrete (an exact layout) or
+  traced (a bounded one), in call order."""
+  import dynadiag_jax as dd  # pylint: disable=import-outside-toplevel
+  seen: list[bool] = []
+  real = dd.ops.diag_matmul
+
+  def spy(x, v, o_K, *args, **kw):
+    seen.append(dd.pattern.is_concrete(o_K))
+    return real(x, v, o_K, *args, **kw)
+
+  monkeypatch.setattr(dd.ops, "diag_matmul", spy)
+  return seen
