@@ -99,7 +99,9 @@ def test_the_quickstart_loop_runs_frozen_layers_on_their_exact_layouts(concrete_
   recipe = dd.Recipe(freeze_fraction=0.5)
   _, frozen = qs.train(model, data, 4, batch=16, recipe=recipe)  # 2 exploring, 2 frozen steps
   assert not dd.exploring_layers(frozen)
-  assert seen and seen[-1], "the frozen step traced no concrete offsets"
+  # exploring calls trace their offsets; from the frozen train step on (3 layers, then the
+  # 3 of the test evaluation) every call must see them concrete
+  assert seen.count(True) >= 6 and False not in seen[seen.index(True):], seen
   # the check can fail: the same frozen variables with plain-array offsets are traced
   seen.clear()
   plain = {**frozen, "dynadiag": dd.static.arrays(frozen["dynadiag"])}
