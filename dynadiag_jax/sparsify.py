@@ -58,7 +58,8 @@ class Sparsified:
                      use_bias=dense.use_bias, dtype=dense.dtype, param_dtype=dense.param_dtype,
                      precision=dense.precision, kernel_init=dense.kernel_init,
                      bias_init=dense.bias_init, backend=self.backend,
-                     kernel_config=self.kernel_config, recipe=self.recipe, parent=dense.scope)
+                     kernel_config=self.kernel_config, recipe=self.recipe, parent=dense.scope,
+                     name=dense.name)
 
   @contextlib.contextmanager
   def intercepting(self) -> Iterator[dict[str, list[str]]]:
