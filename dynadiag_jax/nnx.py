@@ -85,9 +85,12 @@ class DiagLinear(nnx.Module):
     bias = None if linear.bias is None else linear.bias[...]
     kw = {"use_bias": bias is not None, "dtype": linear.dtype,
           "param_dtype": linear.param_dtype, "precision": linear.precision, **kw}
-    return cls(linear.in_features, linear.out_features, sparsity, rngs=rngs,
-               kernel_init=lambda key, shape, dtype=jnp.float32: kernel_MxN.astype(dtype),
-               bias_init=lambda key, shape, dtype=jnp.float32: bias.astype(dtype), **kw)
+    layer = cls(linear.in_features, linear.out_features, sparsity, rngs=rngs,
+                kernel_init=lambda key, shape, dtype=jnp.float32: kernel_MxN.astype(dtype),
+                bias_init=lambda key, shape, dtype=jnp.float32: bias.astype(dtype), **kw)
+    # the initialisers held the old kernel: drop them (used at init only) so that it can go
+    layer.layer = layer.layer.clone(kernel_init=None, bias_init=nnx.initializers.zeros_init())
+    return layer
 
   @property
   def exploring(self) -> bool:

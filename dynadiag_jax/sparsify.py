@@ -7,10 +7,11 @@ import dataclasses
 import fnmatch
 from typing import Any, Iterator, Mapping
 
+import flax
 import flax.linen as nn
 
 from dynadiag_jax import recipe as recipe_lib
-from dynadiag_jax.diag_dense import DiagDense, check_settings
+from dynadiag_jax.diag_dense import COLLECTION, DiagDense, check_settings
 from dynadiag_jax.ops import KernelConfig
 from dynadiag_jax.recipe import Recipe
 
@@ -86,7 +87,16 @@ class Sparsified:
                            "variables were made by the model before sparsify; init the "
                            "sparsified model (its params are alpha / values / bias)")
         seen[self._pattern_of(path)].append(path)
-        return self.layer(mod, s)(*args, **kwargs)
+        try:
+          return self.layer(mod, s)(*args, **kwargs)
+        except flax.errors.ScopeCollectionNotFound as e:
+          if f'"{COLLECTION}"' not in str(e):
+            raise
+          raise ValueError(
+              f"sparsify: layer {path!r} cannot be made sparse: it runs inside a lifted "
+              f"transform (nn.scan, nn.vmap, ...) that does not carry the '{COLLECTION}' "
+              "collection, and stacked DiagDense layers are not supported (the freeze takes "
+              "one layer per path); leave it out of the patterns") from None
       out = next_fun(*args, **kwargs)  # a container (its params live in its children)
       if mod.has_variable("params", "kernel"):
         raise ValueError(f"sparsify: layer {path!r} matches pattern {self._pattern_of(path)!r} "

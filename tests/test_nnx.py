@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -207,3 +211,13 @@ def test_sparsify_errors_and_shared_layers(rng):
   assert isinstance(tied.a, ddn.DiagLinear) and tied.b is tied.a
   ddn.set_phase(tied, 0.0, 1.0)
   tied(jnp.ones((1, 8)))
+
+
+def test_flax_nnx_is_imported_only_with_dd_nnx():
+  code = ("import sys, dynadiag_jax as dd, dynadiag_jax.sparsify\n"
+          "assert 'flax.nnx' not in sys.modules, 'dynadiag_jax imported flax.nnx'\n"
+          "import dynadiag_jax.nnx\n"
+          "assert dd.nnx.DiagLinear and 'flax.nnx' in sys.modules\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout + out.stderr

@@ -204,7 +204,26 @@ def test_a_matched_layer_that_cannot_be_sparse_is_named_with_the_reason(kind, la
   assert dd.exploring_layers(v) == [("head",)]
 
 
+class ScanLayer(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.relu(nn.Dense(16)(x)), None
+
+
+class Scanned(nn.Module):
+  """Three layers stacked by nn.scan over 'params' only, as scanned models are written."""
+
+  @nn.compact
+  def __call__(self, x):
+    scan = nn.scan(ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    x, _ = scan(name="stack")(x, None)
+    return nn.Dense(3, name="head")(x)
+
+
 def test_mistakes_get_one_clear_error(rng):
+  with pytest.raises(ValueError, match="'stack/Dense_0' cannot be made sparse: it runs inside "
+                     "a lifted transform"):
+    sparsify(Scanned(), {"stack/*": 0.75}).init(jax.random.PRNGKey(0), jnp.ones((2, 16)))
   x = jnp.asarray(rng.normal(size=(2, 64, 1)), jnp.float32).reshape(2, 8, 8, 1)
   with pytest.raises(ValueError, match=r"\['towr/\*'\] match no nn.Dense of DigitsCNN; its "
                      r"nn.Dense layers are \['head', 'tower/Dense_0', 'tower/Dense_1'\]"):
