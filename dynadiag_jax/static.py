@@ -4,7 +4,8 @@ A frozen layer's offsets never change, so `dynadiag_jax.freeze` stores them as
 `StaticArray`s: a pytree node with no leaves whose value lives in the tree structure. Passed
 into `jax.jit` or `jax.pmap` with the rest of the variables, they stay concrete at trace time
 (the kernels build their exact layouts once) and a different pattern is a different trace.
-`arrays` turns them back into plain arrays (for a checkpoint), `static` the other way.
+`arrays` turns them back into plain arrays (for a checkpoint), `static` the other way;
+`savable` / `restored` do the same to a whole model's variables around a checkpointer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+COLLECTION = "dynadiag"  # diag_dense.COLLECTION (diag_dense imports this module)
 # The frozen `dynadiag` variables held static (DiagDense: offsets (K,) and in_features ()).
 STATIC_NAMES = ("offsets", "in_features")
 
@@ -83,3 +85,18 @@ def static(collection: Any) -> Any:
 def arrays(collection: Any) -> Any:
   """A `dynadiag` collection with every `StaticArray` a plain numpy array again."""
   return _map_named(collection, lambda v: np.array(v.value) if isinstance(v, StaticArray) else v)
+
+
+def savable(tree: Any) -> Any:
+  """`tree` (a model's variables, an `nnx.State`, any pytree) with every `StaticArray` a
+  plain numpy array: what a checkpointer (orbax) can write; a `StaticArray` has no leaves."""
+  return jax.tree.map(lambda v: np.array(v.value) if isinstance(v, StaticArray) else v, tree,
+                      is_leaf=lambda v: isinstance(v, StaticArray))
+
+
+def restored(variables: Mapping[str, Any]) -> dict:
+  """Restored Linen variables with the `dynadiag` collection's frozen offsets static again."""
+  variables = dict(variables)
+  if COLLECTION in variables:
+    variables[COLLECTION] = static(variables[COLLECTION])
+  return variables
