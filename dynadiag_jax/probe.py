@@ -74,7 +74,8 @@ def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
       else:
         p = pattern.num_diagonals(m, n)
         call = LinearCall(mod.path, mod.name, False, m, n, rows, mod.use_bias, p, p, False)
-      seen.setdefault(tuple(mod.path), call)
+      if call.sparse or tuple(mod.path) not in seen:  # dd.sparsify's DiagDense replaces a Dense
+        seen[tuple(mod.path)] = call
     return next_fun(*args, **kw)
 
   def run(fn):  # the phase entered inside the trace, where the layers read it

@@ -8,8 +8,6 @@ import dataclasses
 import math
 from typing import Any, Iterator
 
-import jax
-import jax.numpy as jnp
 import optax
 
 DEFAULT_TEMPERATURE = 5.0  # the temperature of a phase left unset (t_start's default)
@@ -106,7 +104,7 @@ class Phase:
     function would be ignored by every later call; a layer traced under jit inside a phase
     entered outside any trace raises `PhaseError` instead.
     """
-    token = _CURRENT.set((self, tracing()))
+    token = _CURRENT.set((self, caching_traces()))
     try:
       yield self
     finally:
@@ -117,14 +115,31 @@ class PhaseError(RuntimeError):
   """An exploring DiagDense applied without a phase (see `dynadiag_jax.with_phase`)."""
 
 
-# (phase, whether it was entered while jax traced a function) of the innermost Phase.active().
-_CURRENT: contextvars.ContextVar[tuple[Phase, bool] | None] = contextvars.ContextVar(
+# (phase, the caching traces around its Phase.active()) of the innermost one.
+_CURRENT: contextvars.ContextVar[tuple[Phase, tuple[int, ...]] | None] = contextvars.ContextVar(
     "dynadiag_phase", default=None)
+# Traces whose compiled result jax caches by their inputs alone (jit, pmap; not remat, scan).
+_CACHING = ("jit", "pmap", "xla_pmap", "shard_map")
 
 
-def tracing() -> bool:
-  """Whether jax is tracing a staged function here (jit, pmap, eval_shape), not running eagerly."""
-  return isinstance(jnp.zeros((), jnp.int32), jax.core.Tracer)
+def caching_traces() -> tuple[int, ...]:
+  """ids of the jit / pmap traces around this point, innermost first (() when run eagerly).
+
+  Reads jax's trace context (`jax._src.core`, no public API for it); where that is not
+  available (another jax version), () and the stale-phase check is off.
+  """
+  try:
+    from jax._src import core  # pylint: disable=g-import-not-at-top
+    trace = core.trace_ctx.trace
+  except (ImportError, AttributeError):
+    return ()
+  out = []
+  while trace is not None:
+    info = getattr(getattr(trace, "frame", None), "debug_info", None)
+    if str(getattr(info, "traced_for", "") or "").startswith(_CACHING):
+      out.append(id(trace))
+    trace = getattr(trace, "parent_trace", None)
+  return tuple(out)
 
 
 def current_phase() -> Phase | None:
@@ -139,8 +154,8 @@ def phase_for_trace() -> Phase | None:
   got = _CURRENT.get()
   if got is None:
     return None
-  phase, entered_in_trace = got
-  if not entered_in_trace and tracing():
+  phase, around = got
+  if set(caching_traces()) - set(around):  # a jit / pmap entered after the phase
     raise PhaseError(
         "a phase entered outside jax.jit / pmap reached a layer traced inside it: the compiled "
         "step would keep this phase for every later call. Enter it inside the traced function: "

@@ -29,8 +29,7 @@ def test_every_python_block_belongs_to_an_example():
 
 @pytest.mark.parametrize("example", ["linen", "trainstate", "nnx"])
 def test_the_example_runs_and_trains(example, tmp_path, monkeypatch, capsys):
-  if not callable(getattr(dd, "sparsify", None)):  # until dynadiag_jax/__init__.py exports it
-    monkeypatch.setattr(dd, "sparsify", sparsify, raising=False)
+  assert dd.sparsify is sparsify  # the function, exported at the top level
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the page's checkpoints go here
   ns: dict = {"__name__": f"own_loop_{example}"}
   for name, code in blocks():

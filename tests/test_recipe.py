@@ -174,6 +174,14 @@ def test_a_phase_entered_around_a_jitted_call_is_refused(rng):
   with pytest.raises(dd.PhaseError, match="outside jax.jit"):
     with dd.Phase(1.0).active():
       f(v, x)
+  def nested(v, x):  # entered inside the outer jit, but an inner jit would cache it too
+    with dd.Phase(0.0, 1.0).active():
+      return jax.jit(net.apply)(v, x)
+  with pytest.raises(dd.PhaseError, match="outside jax.jit"):
+    jax.jit(nested)(v, x)
+  remat = nn.remat(UserNet)(dd.recipe.PAPER)  # remat traces but does not cache: fine eagerly
+  chex.assert_trees_all_close(dd.with_phase(remat, 0.0, 1.0).apply(v, x),
+                              dd.with_phase(net, 0.0, 1.0).apply(v, x), rtol=1e-6, atol=1e-6)
   g = jax.jit(lambda v, x: dd.with_phase(net, 0.0, 1.0).apply(v, x))  # entered inside: fine
   chex.assert_trees_all_close(g(v, x), dd.with_phase(net, 0.0, 1.0).apply(v, x), rtol=1e-5,
                               atol=1e-6)
