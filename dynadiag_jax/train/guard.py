@@ -5,7 +5,9 @@ Exit statuses of `train.py` (schedulers can tell them apart):
   1   stopped on an error in the run (checkpoint, data); one line on stderr
   2   a command-line or config mistake; nothing was created
   3   diverged: a non-finite loss; the last good checkpoint is kept
-  143 preempted by SIGTERM after saving a checkpoint: rerun the same command to resume
+  4   the workdir is in use by another live run (it holds the workdir's lock); nothing changed
+  130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM: every step trained is in a checkpoint (the
+      current one was saved, or none had run yet); rerun the same command to resume
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import numpy as np
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
-EXIT_PREEMPTED = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+EXIT_BUSY = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that SIGINT ended
+EXIT_PREEMPTED = 143  # 128 + SIGTERM
 
 
 class ConfigError(ValueError):
@@ -32,6 +36,15 @@ class ConfigError(ValueError):
 
 class WorkdirError(OSError):
   """A workdir that cannot be created or written."""
+
+
+class Stopped(Exception):
+  """A run stopped by SIGINT or SIGTERM at a step boundary; the message says what was saved."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+    self.status = 128 + int(signum)
 
 
 class DivergenceError(FloatingPointError):

@@ -64,7 +64,7 @@ class Reporter:
     self._n, self._want_bar = start_step, bar
     self._have: set[tuple[int, str]] = set()
     self.writer = None
-    self._file = None
+    self._file = self._path = None
     self._last = (start_step, time.perf_counter())
     if not active:
       return
@@ -75,6 +75,7 @@ class Reporter:
     with open(path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(path + ".tmp", path)
+    self._path = path
     self._file = open(path, "a", buffering=1)
     import tensorboardX  # pylint: disable=g-import-not-at-top
     self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, TB_DIR),
@@ -105,7 +106,7 @@ class Reporter:
     if not self.active:
       return
     rec = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(rec) + "\n")
+    self._append(rec)
     self._have.add((int(step), split))
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -119,8 +120,18 @@ class Reporter:
   def event(self, step: int, event: str, **info):
     """A non-metric record (restore, freeze, preemption) in metrics.jsonl."""
     if self.active:
-      self._file.write(json.dumps({"step": int(step), "event": event,
-                                   **{k: _clean(v) for k, v in info.items()}}) + "\n")
+      self._append({"step": int(step), "event": event, **{k: _clean(v) for k, v in info.items()}})
+
+  def _append(self, rec: dict):
+    """One JSON line to metrics.jsonl, reopened first if the file was deleted or replaced."""
+    try:
+      same = os.path.samestat(os.fstat(self._file.fileno()), os.stat(self._path))
+    except OSError:
+      same = False
+    if not same:
+      self._file.close()
+      self._file = open(self._path, "a", buffering=1)
+    self._file.write(json.dumps(rec) + "\n")
 
   def message(self, text: str):
     """A line of text above the bar (or on stdout)."""
