@@ -15,6 +15,7 @@ num_test, train_split, eval_split and get_batch(split, idx, rngs, augment).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 
 import ml_collections
@@ -92,7 +93,9 @@ def check_splits(source) -> None:
       raise
     except Exception as e:  # pylint: disable=broad-except
       err = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-      raise DataNotFoundError(f"cannot read split {split!r} of {source.name} in {where}: "
+      files = sorted(glob.glob(os.path.join(str(where), f"*-{split}.*")))
+      named = f" ({', '.join(files)})" if files else ""
+      raise DataNotFoundError(f"cannot read split {split!r} of {source.name} in {where}{named}: "
                               f"{err}") from None
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
+from dynadiag_jax.train import guard
 from dynadiag_jax.train.state import TrainState
 
 FORMAT = 1
@@ -177,6 +178,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.every = every
     self._saving: int | None = None  # the step of the save in flight, until it is checked
+    self._hold = guard.StderrHold() if async_save and not read_only else None
     check_directory(self.directory, must_exist=read_only)
     if read_only:
       opts = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
@@ -212,13 +214,23 @@ class Checkpointer:
     self._check_space(step, sum(v.nbytes for v in flat.values()))
     meta = {"format": FORMAT, "step": step, "level": state.level, "frozen": bool(state.frozen),
             "signature": signature(flat), "crc32": checksums(flat), **(extra_meta or {})}
+    if self._hold is not None:
+      self._hold.start()
     try:
       started = self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=force)
     except Exception as e:  # pylint: disable=broad-except
+      self._release(ok=False)
       raise self._save_failed(step, e) from None
     self._saving = step if started else None
+    if not started:
+      self._release(ok=True)
     return started
+
+  def _release(self, ok: bool):
+    """Ends holding stderr back: replayed after a save that landed, dropped after a failed one."""
+    if self._hold is not None:
+      self._hold.release() if ok else self._hold.drop()  # pylint: disable=expression-not-assigned
 
   def _check_space(self, step: int, nbytes: int):
     """CheckpointError when the filesystem has less room than one more checkpoint needs."""
@@ -242,10 +254,13 @@ class Checkpointer:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
+      self._release(ok=False)
       self._saving = None
       raise self._save_failed(step, e) from None
+    landed = os.path.isdir(os.path.join(self.directory, str(step)))  # committed
+    self._release(ok=landed)
     self._saving = None
-    if not os.path.isdir(os.path.join(self.directory, str(step))):  # not committed
+    if not landed:
       raise self._save_failed(step, None)
 
   def _newest(self) -> str:
@@ -355,7 +370,12 @@ class Checkpointer:
       self.manager.wait_until_finished()
     except Exception:  # pylint: disable=broad-except
       pass
-    self.manager.close()
+    self._release(ok=self._saving is None or os.path.isdir(
+        os.path.join(self.directory, str(self._saving))))
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
 
 def load(directory: str, step: int | None = None, tries: int = 5) -> tuple[dict[str, np.ndarray], dict]:

@@ -49,9 +49,15 @@ run; 130 / 143 stopped by SIGINT / SIGTERM after saving the current step (rerun 
 
 
 def fail(message: str, status: int):
-  """Prints one line on stderr and exits with `status`."""
+  """Prints one line on stderr and exits with `status` at once: no exit handlers or threads of
+  the libraries (tensorboard, orbax) add their own tracebacks about the same failure."""
   guard.report(f"{PROG}: error: {' '.join(str(message).split())}")
-  sys.exit(status)
+  for f in (sys.stdout, sys.stderr):
+    try:
+      f.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(status)  # pylint: disable=protected-access
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -245,8 +251,7 @@ def main(argv):
   except (checkpoint.CheckpointError, DataNotFoundError) as e:  # the message says what to do
     fail(f"{type(e).__name__}: {e}", guard.EXIT_ERROR)
   except OSError as e:  # disk full, read-only, ... outside a checkpoint
-    where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-    fail(f"{type(e).__name__}: {e.strerror or e}{where}", guard.EXIT_ERROR)
+    fail(guard.os_error(e), guard.EXIT_ERROR)
 
 
 def run(argv: list[str] | None = None):

@@ -13,6 +13,7 @@ Exit statuses of `train.py` (schedulers can tell them apart):
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import sys
@@ -108,6 +109,19 @@ def finite_state(tree: Any) -> bool:
              if np.issubdtype(np.asarray(x).dtype, np.floating))
 
 
+OS_CAUSES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+             errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+             errno.EFBIG: "file too large (a file size limit)"}
+
+
+def os_error(e: OSError) -> str:
+  """'disk full (No space left on device): <file>': an OSError in a few words, naming its file."""
+  what = OS_CAUSES.get(e.errno)
+  text = e.strerror or str(e)
+  head = f"{what} ({text})" if what else f"{type(e).__name__}: {text}"
+  return head + (f": {e.filename}" if getattr(e, "filename", None) else "")
+
+
 def make_workdir(path: str) -> str:
   """The absolute workdir, created if needed and checked writable; WorkdirError otherwise."""
   path = os.path.abspath(path)
@@ -147,6 +161,60 @@ def stderr_dropped_on_error():
     tmp.seek(0)
     sys.stderr.write(tmp.read().decode(errors="replace"))
     sys.stderr.flush()
+
+
+class StderrHold:
+  """Holds back what file descriptor 2 receives (into a temporary file) while an async checkpoint
+  save runs: `release` replays it once the save landed, `drop` discards it when the save failed
+  (tensorstore's threads print tracebacks of a failed write that the run's one-line error says
+  in words). A progress bar printed meanwhile shows up when the save ends."""
+
+  def __init__(self):
+    self._saved: int | None = None
+    self._tmp = None
+
+  @property
+  def holding(self) -> bool:
+    return self._saved is not None
+
+  def start(self):
+    if self.holding or _report_fd is not None:
+      return
+    sys.stderr.flush()
+    self._tmp = tempfile.TemporaryFile()
+    self._saved = os.dup(2)
+    os.dup2(self._tmp.fileno(), 2)
+
+  def _end(self, replay: bool):
+    if not self.holding:
+      return
+    sys.stderr.flush()
+    os.dup2(self._saved, 2)
+    os.close(self._saved)
+    self._saved = None
+    if replay:
+      self._tmp.seek(0)
+      held = self._tmp.read()
+      if held:
+        os.write(2, held)
+    self._tmp.close()
+    self._tmp = None
+
+  def release(self):
+    """Back to the terminal, with what came meanwhile."""
+    self._end(replay=True)
+
+  def drop(self):
+    """Silences fd 2 until exit (late tracebacks of the failed write's threads included);
+    `report` writes the run's one line to the terminal's stderr."""
+    global _report_fd
+    if not self.holding:
+      return
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    _report_fd, self._saved = self._saved, None
+    self._tmp.close()
+    self._tmp = None
 
 
 def report(line: str) -> None:

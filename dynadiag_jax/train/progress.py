@@ -128,10 +128,13 @@ class Reporter:
       same = os.path.samestat(os.fstat(self._file.fileno()), os.stat(self._path))
     except OSError:
       same = False
-    if not same:
-      self._file.close()
-      self._file = open(self._path, "a", buffering=1)
-    self._file.write(json.dumps(rec) + "\n")
+    try:
+      if not same:
+        self._file.close()
+        self._file = open(self._path, "a", buffering=1)
+      self._file.write(json.dumps(rec) + "\n")
+    except OSError as e:  # disk full, read-only: name the file
+      raise OSError(e.errno, e.strerror, self._path) from None
 
   def message(self, text: str):
     """A line of text above the bar (or on stdout)."""
@@ -143,12 +146,14 @@ class Reporter:
       print(text, flush=True)
 
   def close(self):
-    if self.bar is not None:
-      self.bar.close()
-    if self.writer is not None:
-      self.writer.close()
-    if self._file is not None:
-      self._file.close()
+    """Closes the bar, TensorBoard and metrics.jsonl; never raises (it also runs on the way out of
+    a failed run, e.g. on a full disk, whose own error is the one to report)."""
+    for part in (self.bar, self.writer, self._file):
+      if part is not None:
+        try:
+          part.close()
+        except (OSError, ValueError):
+          pass
     self.bar = self.writer = self._file = None
     self._want_bar = False
 
