@@ -237,6 +237,7 @@ def main(argv):
     py_logging.getLogger(name).addFilter(_Quiet())
   for h in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
     h.addFilter(_Quiet())
+  guard.failures_end_process()
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except guard.Stopped as e:

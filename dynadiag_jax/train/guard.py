@@ -136,6 +136,13 @@ def make_workdir(path: str) -> str:
 
 
 _report_fd: int | None = None  # the terminal's stderr once a failed block silenced fd 2
+_ends_process = False  # train.py: after a failure, the process only reports it and exits
+
+
+def failures_end_process(on: bool = True) -> None:
+  """Lets a failed save silence fd 2 until exit (train.py); a library caller keeps its stderr."""
+  global _ends_process
+  _ends_process = on
 
 
 @contextlib.contextmanager
@@ -209,6 +216,9 @@ class StderrHold:
     `report` writes the run's one line to the terminal's stderr."""
     global _report_fd
     if not self.holding:
+      return
+    if not _ends_process:
+      self._end(replay=False)
       return
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)

@@ -240,9 +240,10 @@ def _diverged(e: guard.DivergenceError, ck: checkpoint.Checkpointer) -> guard.Di
 
 def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, start: int | None,
              compiles: int) -> dict:
-  """What summary.json holds."""
+  """What summary.json holds (a mask method's sparsity and stored weights from its masks)."""
   text = run.spec.kind == "text"
-  tot = dd.totals(run.model, host.variables, run.spec.dummy_input())
+  kept = _masks_kept(run, host)
+  tot = dd.totals(run.model, host.variables, run.spec.dummy_input(), masks_kept=kept)
   return {
       ("perplexity" if text else "test_accuracy"): ev["perplexity" if text else "accuracy"],
       "test_loss": ev["loss"], **({"token_accuracy": ev["accuracy"]} if text else {}),
@@ -250,21 +251,17 @@ def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, star
       "dense_params": tot["dense_params"], "steps": run.steps, "wall_s": wall_s,
       "resumed_from": start, "train_step_compiles": compiles, "layer_sparsity": run.sparsity,
       "model": run.config.model.name, "data": run.source.name, "method": methods.name(run.config),
-      "code": progress.code_version(), **_mask_totals(run, host),
+      "code": progress.code_version(), **({"layer_kept": kept} if kept is not None else {}),
   }
 
 
-def _mask_totals(run: Run, host: state_lib.TrainState) -> dict:
-  """sparsity and stored_params of a mask method from its masks (dense kernels otherwise)."""
+def _masks_kept(run: Run, host: state_lib.TrainState) -> dict[str, int] | None:
+  """{'<layer>/kernel': weights its mask keeps} of a mask method, else None."""
   kept = methods.stored_weights(run.config, run.model, run.spec.dummy_input(), run.sparsity,
                                 host.opt_state)
-  if kept is None:
-    return {}
-  dense = kept.pop("dense")
-  tot = dd.totals(run.model, host.variables, run.spec.dummy_input())
-  n = sum(kept.values())
-  return {"sparsity": 1.0 - n / dense, "stored_params": tot["stored_params"] - dense + n,
-          "layer_kept": kept}
+  if kept is not None:
+    kept.pop("dense")
+  return kept
 
 
 def _compile_options(config: ml_collections.ConfigDict) -> dict | None:
@@ -597,5 +594,5 @@ def _report(run: Run, host: state_lib.TrainState, workdir: str, summary: dict):
 
 def summarize(run: Run, host: state_lib.TrainState) -> str:
   """The per-layer table of the final model (a mask method's layers at what their masks keep)."""
-  x0 = run.spec.dummy_input()
-  return dd.summarize(run.model, host.variables, x0)
+  return dd.summarize(run.model, host.variables, run.spec.dummy_input(),
+                      masks_kept=_masks_kept(run, host))
