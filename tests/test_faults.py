@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -138,12 +137,13 @@ def test_failed_async_save_stops_the_run_with_its_cause(tmp_path):
   """A 2 MB file size limit: the async write of a ~13 MB checkpoint fails in orbax's threads;
   the run stops within a few steps of it with one line, their tracebacks held back."""
   wd = tmp_path / "wd"
-  limit = 2 << 20
-  r = subprocess.run(_train("--config", DIGITS, "--workdir", str(wd), *FAST,
-                            "--config.model.hidden=(1024,1024)", "--config.total_steps=400",
-                            "--config.checkpoint.every=20"), cwd=ROOT, capture_output=True,
-                     text=True, timeout=300,
-                     preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+  limited = [sys.executable, "-c", "import os, resource, sys; "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20)); "
+             "os.execv(sys.executable, [sys.executable] + sys.argv[1:])"]
+  r = subprocess.run(limited + _train("--config", DIGITS, "--workdir", str(wd), *FAST,
+                                      "--config.model.hidden=(1024,1024)",
+                                      "--config.total_steps=400", "--config.checkpoint.every=20")[1:],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == guard.EXIT_ERROR, r.stderr[-3000:]
   line = _one_line(r.stderr)
   assert "Cannot save the checkpoint at step 20" in line and "file too large" in line, line

@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
@@ -49,14 +50,17 @@ run; 130 / 143 stopped by SIGINT / SIGTERM after saving the current step (rerun 
 
 
 def fail(message: str, status: int):
-  """Prints one line on stderr and exits with `status` at once: no exit handlers or threads of
-  the libraries (tensorboard, orbax) add their own tracebacks about the same failure."""
+  """Prints one line on stderr and exits with `status`. Single-process: at once, so that no exit
+  handlers or threads of the libraries (tensorboard, orbax) add their own tracebacks about the
+  same failure; multi-host: through jax's shutdown, which the other processes wait for."""
   guard.report(f"{PROG}: error: {' '.join(str(message).split())}")
   for f in (sys.stdout, sys.stderr):
     try:
       f.flush()
     except (OSError, ValueError):
       pass
+  if jax.distributed.is_initialized():
+    sys.exit(status)
   os._exit(status)  # pylint: disable=protected-access
 
 

@@ -136,6 +136,7 @@ def make_workdir(path: str) -> str:
 
 
 _report_fd: int | None = None  # the terminal's stderr once a failed block silenced fd 2
+_held_fd: int | None = None  # the terminal's stderr while a StderrHold holds fd 2 back
 _ends_process = False  # train.py: after a failure, the process only reports it and exits
 
 
@@ -187,14 +188,17 @@ class StderrHold:
   def start(self):
     if self.holding or _report_fd is not None:
       return
+    global _held_fd
     sys.stderr.flush()
     self._tmp = tempfile.TemporaryFile()
-    self._saved = os.dup(2)
+    self._saved = _held_fd = os.dup(2)
     os.dup2(self._tmp.fileno(), 2)
 
   def _end(self, replay: bool):
+    global _held_fd
     if not self.holding:
       return
+    _held_fd = None
     sys.stderr.flush()
     os.dup2(self._saved, 2)
     os.close(self._saved)
@@ -214,12 +218,13 @@ class StderrHold:
   def drop(self):
     """Silences fd 2 until exit (late tracebacks of the failed write's threads included);
     `report` writes the run's one line to the terminal's stderr."""
-    global _report_fd
+    global _report_fd, _held_fd
     if not self.holding:
       return
     if not _ends_process:
       self._end(replay=False)
       return
+    _held_fd = None
     sys.stderr.flush()
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     _report_fd, self._saved = self._saved, None
@@ -227,7 +232,18 @@ class StderrHold:
     self._tmp = None
 
 
+def terminal_fd() -> int:
+  """The file descriptor of the user's stderr (fd 2, unless a failed block or a save holds it)."""
+  for fd in (_report_fd, _held_fd):
+    if fd is not None:
+      return fd
+  return 2
+
+
 def report(line: str) -> None:
   """Writes one line to the user's stderr (also after `stderr_dropped_on_error` silenced it)."""
-  sys.stderr.flush()
-  os.write(2 if _report_fd is None else _report_fd, (line + "\n").encode())
+  try:
+    sys.stderr.flush()
+  except (OSError, ValueError):
+    pass
+  os.write(terminal_fd(), (line + "\n").encode())

@@ -29,12 +29,18 @@ def _clean(v: Any) -> Any:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Every record of <workdir>/metrics.jsonl."""
+  """Every record of <workdir>/metrics.jsonl (a line torn by a kill or a full disk is skipped)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue
+  return [r for r in out if isinstance(r, dict)]
 
 
 def _kept(rec: Mapping[str, Any], start_step: int) -> bool:
