@@ -3,21 +3,30 @@
     python -m dynadiag_jax.sweep --config configs/mnist_mlp.py --methods dynadiag,static_diag,rigl \\
         --sparsity 0.9,0.95,0.99 --seeds 0,1,2 --workdir runs/sweep [--config.total_steps=1500]
 
-Each run lives in <workdir>/<method>/s<sparsity>/seed<seed> (`dense` once per seed, in
-s0); a run with a summary.json is done and skipped, so rerunning the command resumes
-(an interrupted run resumes from its own checkpoints). Writes results.jsonl, results.md
-(mean +- std and n per method and sparsity, paired McNemar p-values against the best
-method at each sparsity, paper Appendix E) and PNG plots.
+Each run lives in <workdir>/<method>/s<sparsity>/seed<seed> (`dense` once per seed, in s0)
+and is keyed by its full effective config (the config file, every --config override, its
+method, sparsity and seed), written to its run.json before it starts. <workdir>/sweep.json
+holds the sweep's config: rerunning with other overrides is refused with one line (a new
+--workdir makes other runs); with the same ones, finished runs (summary.json of that config)
+are skipped and interrupted ones resume from their checkpoints. Runs go through
+`python -m dynadiag_jax.train` (an installed package is enough); each child holds its run's
+lock and dies with the sweep (SIGTERM: it saves first). Ctrl-C / SIGTERM stop every child
+after it saved (exit 130 / 143). Writes results.jsonl (every run's config and overrides),
+results.md (mean +- std and n per method and sparsity, paired McNemar p-values against the
+best method at each sparsity, paper Appendix E) and PNG plots.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +35,16 @@ import tqdm
 
 from dynadiag_jax.methods import METHODS, records
 
-ROOT = Path(__file__).resolve().parents[1]
 SINGLE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+SWEEP_FILE, RUN_FILE = "sweep.json", "run.json"
+GRID_FIELDS = ("method", "sparsity", "seed")  # set by --methods / --sparsity / --seeds
+PER_RUN = GRID_FIELDS + ("progress_bar",)  # differ between the runs of one sweep
+EXIT_USAGE, EXIT_BUSY = 2, 4  # train.py's (dynadiag_jax.train.guard)
+ALPHA = 0.05  # significance level of the table's bold
+
+
+class SweepError(Exception):
+  """A sweep that cannot start as asked (exit status 2, one line)."""
 
 
 def run_dir(workdir: str, method: str, sparsity: float, seed: int) -> str:
@@ -44,68 +61,173 @@ def grid(methods: list[str], sparsities: list[float], seeds: list[int]) -> list[
   return out
 
 
+def job_args(method: str, sparsity: float, seed: int) -> list[str]:
+  """The --config overrides that make one run of the grid."""
+  out = [f"--config.method={method}", f"--config.seed={seed}", "--config.progress_bar=False"]
+  return out + ([f"--config.sparsity={sparsity}"] if method != "dense" else [])
+
+
 def command(config: str, wd: str, method: str, sparsity: float, seed: int,
             overrides: list[str]) -> list[str]:
-  cmd = [sys.executable, str(ROOT / "train.py"), "--config", config, "--workdir", wd,
-         f"--config.method={method}", f"--config.seed={seed}", "--config.progress_bar=False"]
-  if method != "dense":
-    cmd.append(f"--config.sparsity={sparsity}")
-  return cmd + list(overrides)
+  """The child's command line: the training CLI of the installed package."""
+  return [sys.executable, "-m", "dynadiag_jax.train", "--config", config, "--workdir", wd,
+          *job_args(method, sparsity, seed), *overrides]
 
 
-def train_one(config: str, workdir: str, job: tuple, overrides: list[str],
-              single_thread: bool) -> tuple[tuple, int]:
-  """Runs one (method, sparsity, seed) to completion; (job, exit code) (0 when already done)."""
+def effective_config(config: str, args: list[str]):
+  """The ConfigDict train.py builds from `config` and --config.* `args`; SweepError if it cannot."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from dynadiag_jax.train import cli  # pylint: disable=g-import-not-at-top
+  cli.config_importable(config)
+  argv = ["sweep", f"--config={config}", *args]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                  sys_argv=argv)  # its overrides are found in sys_argv
+  try:
+    fv(argv)
+    c = fv.config
+    c.get("seed")
+    return c
+  except Exception as e:  # pylint: disable=broad-except
+    raise SweepError(cli._explain(argv, e)) from None  # pylint: disable=protected-access
+
+
+def config_json(config) -> str:
+  from dynadiag_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.config_json(config)
+
+
+def config_diff(saved: str, current: str, ignore: tuple[str, ...] = ()) -> list[str]:
+  """'field: saved -> current' of every field that differs (fields added later as IMPLIED)."""
+  from dynadiag_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.config_diff(saved, current, may_change=ignore)
+
+
+def claim(workdir: str, config: str, overrides: list[str]) -> dict:
+  """<workdir>/sweep.json for these overrides; SweepError when the workdir holds another sweep."""
+  bad = [a for a in overrides if a.split("=", 1)[0].removeprefix("--config.") in GRID_FIELDS]
+  if bad:
+    raise SweepError(f"{bad[0].split('=')[0]} is set per run by --methods / --sparsity / --seeds, "
+                     "not as an override")
+  base = config_json(effective_config(config, overrides))
+  path = os.path.join(workdir, SWEEP_FILE)
+  mine = {"config": config, "overrides": list(overrides), "effective": json.loads(base)}
+  if os.path.exists(path):
+    old = json.loads(Path(path).read_text())
+    diff = config_diff(json.dumps(old["effective"]), base, PER_RUN)
+    if diff:
+      more = f" (+{len(diff) - 4} more)" if len(diff) > 4 else ""
+      raise SweepError(
+          f"{workdir} holds a sweep of another config ({'; '.join(diff[:4])}{more}; its "
+          f"overrides: {' '.join(old['overrides']) or 'none'}): its runs would be mixed with "
+          "these. Use a new --workdir, or the overrides it was made with")
+  elif any(Path(workdir).glob("*/s*/seed*/summary.json")):
+    raise SweepError(f"{workdir} holds runs without {SWEEP_FILE} (an older sweep): their configs "
+                     "are not known, so they cannot be reused. Use a new --workdir")
+  else:
+    _write_json(path, mine)  # a new sweep directory: nothing in it to check
+  return mine
+
+
+def _write_json(path: str, obj: dict):
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def run_config(config: str, job: tuple, overrides: list[str]) -> str:
+  """The JSON of one run's effective config (what its run.json and checkpoints hold)."""
+  return config_json(effective_config(config, job_args(*job) + list(overrides)))
+
+
+def state(workdir: str, job: tuple, want: str) -> str:
+  """'done' (summary.json of this config), 'todo', or 'other' (run.json of another config)."""
   wd = run_dir(workdir, *job)
-  if os.path.exists(os.path.join(wd, "summary.json")):
-    return job, 0
+  rec = os.path.join(wd, RUN_FILE)
+  if os.path.exists(rec):
+    have = json.loads(Path(rec).read_text())["config"]
+    if config_diff(json.dumps(have), want, ("progress_bar",)):
+      return "other"
+  elif os.path.exists(os.path.join(wd, "summary.json")):
+    return "other"
+  return "done" if os.path.exists(os.path.join(wd, "summary.json")) else "todo"
+
+
+class Children:
+  """The training processes of this sweep: started with SIGINT / SIGTERM held (they take them
+  once their handlers are in), each in its own session, stopped on the sweep's own signal."""
+
+  def __init__(self):
+    self.procs: set[subprocess.Popen] = set()
+    self.signum: int | None = None
+    self.lock = threading.Lock()
+
+  def handle(self, signum, frame):
+    """The sweep's SIGINT / SIGTERM: no new runs; each child gets it once, saves and exits."""
+    del frame
+    if self.signum is None:
+      self.signum = signum
+      with self.lock:
+        for p in self.procs:
+          if p.poll() is None:
+            os.kill(p.pid, signum)
+
+  def call(self, cmd: list[str], log, env: dict) -> int:
+    """Runs one child to its end; its exit status (None if the sweep is stopping)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+      with self.lock:
+        if self.signum is not None:
+          return None
+        p = subprocess.Popen(cmd, env={**env, "DYNADIAG_PARENT_PID": str(os.getpid())},
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.add(p)
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
+      return p.wait()
+    finally:
+      with self.lock:
+        self.procs.discard(p)
+
+
+def train_one(children: Children, config: str, workdir: str, job: tuple, overrides: list[str],
+              single_thread: bool, want: str) -> tuple[tuple, int | None]:
+  """Runs one (method, sparsity, seed) to completion; (job, exit status)."""
+  wd = run_dir(workdir, *job)
   os.makedirs(wd, exist_ok=True)
-  lock = os.path.join(wd, "run.lock")  # one process per run directory, even across sweeps
-  try:
-    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-  except FileExistsError:
-    pid = int(Path(lock).read_text() or 0)
-    if _alive(pid):
-      return job, 0  # another sweep is running it
-    os.unlink(lock)
-    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-  os.write(fd, str(os.getpid()).encode())
-  os.close(fd)
-  try:
-    return job, _train(config, wd, job, overrides, single_thread)
-  finally:
-    os.unlink(lock)
-
-
-def _alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except (OSError, ValueError):
-    return False
-  return pid > 0
-
-
-def _train(config: str, wd: str, job: tuple, overrides: list[str], single_thread: bool) -> int:
+  _write_json(os.path.join(wd, RUN_FILE), {"config": json.loads(want),
+                                           "overrides": list(overrides),
+                                           "command": command(config, wd, *job, overrides)})
   env = dict(os.environ)
   if single_thread:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + SINGLE_THREAD).strip()
   with open(os.path.join(wd, "log.txt"), "a") as log:
-    return subprocess.call(command(config, wd, *job, overrides), cwd=ROOT, env=env, stdout=log,
-                           stderr=subprocess.STDOUT)
+    return job, children.call(command(config, wd, *job, overrides), log, env)
 
 
 def collect(workdir: str, task: str = "") -> list[dict]:
-  """One record per finished run (summary.json) under workdir; written to results.jsonl."""
+  """One record per finished run (summary.json) under workdir, with its config and overrides;
+  written to results.jsonl. With a sweep.json, runs of another config are left out."""
+  sweep = os.path.join(workdir, SWEEP_FILE)
+  base = json.loads(Path(sweep).read_text())["effective"] if os.path.exists(sweep) else None
   rows = []
   for p in sorted(Path(workdir).glob("*/s*/seed*/summary.json")):
     s = json.loads(p.read_text())
     method, sp, seed = p.parts[-4], float(p.parts[-3][1:]), int(p.parts[-2][4:])
+    rec = p.parent / RUN_FILE
+    run = json.loads(rec.read_text()) if rec.exists() else {}
+    if base is not None and (not run or config_diff(json.dumps(base), json.dumps(run["config"]),
+                                                    PER_RUN)):
+      continue  # not a run of this sweep's config
     metric = "perplexity" if "perplexity" in s else "test_accuracy"
     rows.append({"task": task or s.get("data", ""), "method": method, "sparsity": sp,
                  "seed": seed, "metric": metric, "value": s[metric],
                  "actual_sparsity": s.get("sparsity"), "stored_params": s.get("stored_params"),
                  "steps": s.get("steps"), "wall_s": s.get("wall_s"),
-                 "commit": s.get("code", {}).get("commit"), "dir": str(p.parent)})
+                 "commit": s.get("code", {}).get("commit"), "dir": str(p.parent),
+                 "overrides": run.get("overrides"), "config": run.get("config")})
   with open(os.path.join(workdir, "results.jsonl"), "w") as f:
     for r in rows:
       f.write(json.dumps(r) + "\n")
@@ -142,8 +264,16 @@ def paired_p(rows_a: list[dict], rows_b: list[dict]) -> float | None:
   return mcnemar(np.concatenate(xa), np.concatenate(xb))
 
 
+def _cell(v: np.ndarray) -> str:
+  """mean +- std (n); one seed has no spread: its value (1)."""
+  if len(v) == 1:
+    return f"{v[0]:.2f} (1)"
+  return f"{v.mean():.2f} +- {v.std(ddof=1):.2f} ({len(v)})"
+
+
 def table(rows: list[dict], sparsities: list[float], methods: list[str]) -> str:
-  """Markdown: mean +- std (n) per method and sparsity, McNemar p against that column's best."""
+  """Markdown: mean +- std (n) per method and sparsity, McNemar p against that column's best;
+  the best is bold only when it beats every other sparse method of its column at p < ALPHA."""
   if not rows:
     return "(no finished runs)\n"
   metric = rows[0]["metric"]
@@ -153,16 +283,21 @@ def table(rows: list[dict], sparsities: list[float], methods: list[str]) -> str:
   for m in methods:
     for s in sparsities:
       cell[m, s] = [r for r in rows if r["method"] == m and (r["sparsity"] == s or m == "dense")]
-  best = {}
+  best, pvals = {}, {}
   for s in sparsities:
     means = {m: np.mean([r["value"] for r in cell[m, s]]) for m in methods
              if cell[m, s] and m != "dense"}
     if means:
       best[s] = (min if lower else max)(means, key=means.get)
+      pvals.update({(m, s): paired_p(cell[m, s], cell[best[s], s]) for m in means if m != best[s]})
+  won = {s for s, b in best.items()
+         if all(p is not None and p < ALPHA for (m, t), p in pvals.items() if t == s)
+         and any(t == s for (_, t) in pvals)}
   unit = "perplexity (lower is better)" if lower else "test accuracy, %"
   head = "| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
-  out = [f"{unit}; mean +- std (n seeds); p: paired McNemar against the best sparse method "
-         "of the column (**bold**)", "", head, "|---" * (len(sparsities) + 1) + "|"]
+  out = [f"{unit}; mean +- std (n seeds; one seed: its value); p: paired McNemar against the "
+         f"best sparse method of the column, **bold** when it beats each other one at p < {ALPHA}",
+         "", head, "|---" * (len(sparsities) + 1) + "|"]
   for m in methods:
     cols = []
     for s in sparsities:
@@ -170,27 +305,24 @@ def table(rows: list[dict], sparsities: list[float], methods: list[str]) -> str:
       if not rs:
         cols.append("-")
         continue
-      v = np.array([r["value"] for r in rs]) * scale
-      txt = f"{v.mean():.2f} +- {v.std(ddof=1) if len(v) > 1 else 0.0:.2f} ({len(v)})"
-      if best.get(s) == m:
+      txt = _cell(np.array([r["value"] for r in rs]) * scale)
+      if best.get(s) == m and s in won:
         txt = f"**{txt}**"
-      elif s in best:
-        p = paired_p(rs, cell[best[s], s])
-        if p is not None:
-          txt += f", p={p:.2g}"
+      elif pvals.get((m, s)) is not None:
+        txt += f", p={pvals[m, s]:.2g}"
       cols.append(txt)
     out.append(f"| {m} | " + " | ".join(cols) + " |")
   return "\n".join(out) + "\n"
 
 
 def plot_metric(rows: list[dict], sparsities: list[float], methods: list[str], path: str,
-                title: str = "") -> None:
+                title: str = "") -> bool:
   """Accuracy (or perplexity) against sparsity, one line per method, error bars = std."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   if not rows:
-    return
+    return False
   metric = rows[0]["metric"]
   scale = 1.0 if metric == "perplexity" else 100.0
   fig, ax = plt.subplots(figsize=(6, 4))
@@ -219,6 +351,7 @@ def plot_metric(rows: list[dict], sparsities: list[float], methods: list[str], p
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
+  return True
 
 
 def plot_gates(run: str, path: str) -> bool:
@@ -300,8 +433,11 @@ def report(workdir: str, sparsities: list[float], methods: list[str], task: str,
   """results.jsonl, results.md and the plots of a sweep directory; the markdown text."""
   rows = collect(workdir, task)
   md = [f"### {task}", "", table(rows, sparsities, methods)]
-  plot_metric(rows, sparsities, methods, os.path.join(workdir, "accuracy.png"), task)
-  md.append(f"![{task}: metric against sparsity](accuracy.png)")
+  for name in ("accuracy.png", "gates.png", "offsets.png"):  # only plots written now are linked
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(os.path.join(workdir, name))
+  if plot_metric(rows, sparsities, methods, os.path.join(workdir, "accuracy.png"), task):
+    md.append(f"![{task}: metric against sparsity](accuracy.png)")
   s0 = sparsities[0]
   dyn = run_dir(workdir, "dynadiag", s0, 0)
   if plot_gates(dyn, os.path.join(workdir, "gates.png")):
@@ -339,39 +475,90 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   return args, rest
 
 
-def main(argv: list[str] | None = None) -> int:
-  args, overrides = parse(sys.argv[1:] if argv is None else argv)
+def _plan(args, overrides: list[str]) -> tuple[str, str, list[tuple], dict]:
+  """(config path, workdir, jobs, {job: its config JSON}) after every check; SweepError if not."""
   methods = [m for m in args.methods.split(",") if m]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
-    raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
-  sparsities = [float(s) for s in args.sparsity.split(",")]
-  seeds = [int(s) for s in args.seeds.split(",")]
+    raise SweepError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+  try:
+    sparsities = [float(s) for s in args.sparsity.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+  except ValueError as e:
+    raise SweepError(f"--sparsity / --seeds: {e}") from None
   config = os.path.abspath(args.config)
-  task = args.task or Path(config).stem
-  os.makedirs(args.workdir, exist_ok=True)
+  if not os.path.isfile(config.split(":", 1)[0]):
+    raise SweepError(f"config file {args.config!r} not found")
   workdir = os.path.abspath(args.workdir)
   jobs = grid(methods, sparsities, seeds)
-  failed = []
+  return config, workdir, jobs, {j: run_config(config, j, overrides) for j in jobs}
+
+
+def _train_all(children: Children, config: str, workdir: str, todo: list[tuple],
+               overrides: list[str], jobs_at_once: int, want: dict) -> dict[tuple, int | None]:
+  """Runs `todo`, jobs_at_once at a time; {job: exit status (None: not started)}."""
+  out = {}
+  if not todo:
+    return out
+  with cf.ThreadPoolExecutor(max(1, jobs_at_once)) as pool, tqdm.tqdm(total=len(todo),
+                                                                       unit="run") as bar:
+    futs = [pool.submit(train_one, children, config, workdir, j, overrides, jobs_at_once > 1,
+                        want[j]) for j in todo]
+    for f in cf.as_completed(futs):
+      job, rc = f.result()
+      out[job] = rc
+      log = f"{run_dir(workdir, *job)}/log.txt"
+      if rc == EXIT_BUSY:
+        bar.write(f"BUSY {job}: another process is training it; see {log}")
+      elif rc and children.signum is None:
+        bar.write(f"FAILED {job} (exit {rc}); see {log}")
+      bar.set_postfix(failed=sum(1 for r in out.values() if r))
+      bar.update()
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The sweep's command line; returns its exit status (0 all runs done, 1 a run failed, 2 a
+  mistake or another sweep's workdir, 4 a run busy in another process, 130 / 143 stopped)."""
+  args, overrides = parse(sys.argv[1:] if argv is None else argv)
+  try:
+    config, workdir, jobs, want = _plan(args, overrides)
+    os.makedirs(workdir, exist_ok=True)
+    claim(workdir, config, overrides)
+    other = [j for j in jobs if state(workdir, j, want[j]) == "other"]
+    if other:
+      raise SweepError(f"{run_dir(workdir, *other[0])} holds a run of another config "
+                       f"({len(other)} such run(s)); use a new --workdir")
+  except SweepError as e:
+    print(f"sweep: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+  methods = list(dict.fromkeys(j[0] for j in jobs))
+  sparsities = [float(s) for s in args.sparsity.split(",")]
+  task = args.task or Path(config).stem
   if not args.report_only:
-    todo = [j for j in jobs if not os.path.exists(os.path.join(run_dir(workdir, *j),
-                                                               "summary.json"))]
+    todo = [j for j in jobs if state(workdir, j, want[j]) != "done"]
     print(f"{task}: {len(jobs)} runs, {len(jobs) - len(todo)} done, {len(todo)} to go, "
           f"{args.jobs} at a time", flush=True)
-    t0 = time.time()
-    with cf.ThreadPoolExecutor(max(1, args.jobs)) as pool, tqdm.tqdm(total=len(todo),
-                                                                      unit="run") as bar:
-      futs = [pool.submit(train_one, config, workdir, j, overrides, args.jobs > 1) for j in todo]
-      for f in cf.as_completed(futs):
-        job, rc = f.result()
-        if rc:
-          failed.append(job)
-          bar.write(f"FAILED {job} (exit {rc}); see {run_dir(workdir, *job)}/log.txt")
-        bar.set_postfix(failed=len(failed))
-        bar.update()
+    children, t0 = Children(), time.time()
+    old = {s: signal.signal(s, children.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      rcs = _train_all(children, config, workdir, todo, overrides, args.jobs, want)
+    finally:
+      for s, h in old.items():
+        signal.signal(s, h)
+    if children.signum is not None:
+      name = "SIGINT" if children.signum == signal.SIGINT else "SIGTERM"
+      saved = sum(1 for r in rcs.values() if r == 128 + children.signum)
+      print(f"sweep: {name}: stopped; {saved} run(s) saved their current step; rerun the same "
+            "command to resume", file=sys.stderr, flush=True)
+      return 128 + children.signum
     print(f"{len(todo)} runs in {time.time() - t0:.0f} s", flush=True)
   print(report(workdir, sparsities, methods, task, sigma=args.sigma))
-  return 1 if failed else 0
+  if args.report_only:
+    return 0
+  if any(r == EXIT_BUSY for r in rcs.values()):
+    return EXIT_BUSY
+  return 1 if any(rcs.values()) else 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def runs(tmp_path_factory) -> dict:
   tmp = tmp_path_factory.mktemp("cli")
   (tmp / "a_file").write_text("")
   wd = {k: tmp / k for k in ("typo", "nested", "noconfig", "backend", "warmup", "badvalue",
-                             "quiet", "diverge")}
+                             "quiet", "diverge", "gate", "shadow", "moved", "flag", "ckevery")}
   cmds = {
       "typo": ["--config", DIGITS, "--workdir", str(wd["typo"]), "--config.sparsty=0.5"],
       "nested": ["--config", str(ROOT / "configs" / "cifar10_vit_s.py"), "--workdir",
@@ -45,6 +45,14 @@ def runs(tmp_path_factory) -> dict:
                  "--config.optimizer.warmup_steps=10"],
       "badvalue": ["--config", DIGITS, "--workdir", str(wd["badvalue"]), "--config.sparsity=abc"],
       "noworkdir": ["--config", DIGITS],
+      "gate": ["--config", DIGITS, "--workdir", str(wd["gate"]), "--config.recipe.gate=hard"],
+      "shadow": ["--config", DIGITS, "--workdir", str(wd["shadow"]), "--config.shadow_init=zeros"],
+      "moved": ["--config", DIGITS, "--workdir", str(wd["moved"]), "--config.gate=soft_topk"],
+      "flag": ["--config", DIGITS, "--workdir", str(wd["flag"]), "--total_steps=200"],
+      "ckevery": ["--config", DIGITS, "--workdir", str(wd["ckevery"]),
+                  "--config.checkpoint.every=0"],
+      "help": ["--config", DIGITS, "--help"],
+      "help_bare": ["--help"],
       "quiet": ["--config", DIGITS, "--workdir", str(wd["quiet"]), "--config.total_steps=10",
                 "--config.log_every=5", "--config.checkpoint.every=5", *QUICK],
       "diverge": ["--config", DIGITS, "--workdir", str(wd["diverge"]), "--config.optimizer.lr=1e6",
@@ -71,6 +79,11 @@ MISTAKES = {
     "warmup": "10 warmup steps",
     "badvalue": "--config.sparsity=abc",
     "noworkdir": "--workdir is required",
+    "gate": "unknown gate 'hard'",
+    "shadow": "config.shadow_init was removed: measured and not adopted",
+    "moved": "config.gate is now config.recipe.gate",
+    "flag": "unknown flag --total_steps; config fields are set as --config.total_steps=VALUE",
+    "ckevery": "config.checkpoint.every must be >= 1, got 0",
 }
 
 
@@ -86,6 +99,17 @@ def test_mistake_is_one_line_status_2_and_creates_nothing(runs, name):
     assert not wd.exists()
   if name == "workdir":  # the workdir's parent is a file: left as it was
     assert runs["a_file"].is_file() and runs["a_file"].read_text() == ""
+
+
+def test_help_lists_fields_and_methods_and_exits_0(runs):
+  rc, out, err, _ = runs["help"]
+  assert rc == 0 and err == "", err[-2000:]
+  assert out.startswith("usage: train.py --config CONFIG.py --workdir DIR")
+  assert "Methods (--config.method): dense, dynadiag, static_diag" in out and "rigl" in out
+  for field in ("total_steps = 600", "sparsity = 0.9", "checkpoint.every = 100", "recipe.name = "):
+    assert f"\n  {field}" in out, field
+  rc, out, err, _ = runs["help_bare"]
+  assert rc == 0 and "configs/mnist_mlp.py" in out and "--config configs/mnist_mlp.py --help" in out
 
 
 def test_first_run_is_quiet(runs):

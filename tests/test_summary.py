@@ -46,3 +46,47 @@ def test_summary_reports_inputs_and_outputs_no_kept_diagonal_touches():
   wide = dd.DiagDense(8, sparsity=0.0)  # every diagonal: nothing unconnected
   vw = wide.init(jax.random.PRNGKey(0), jnp.ones((1, 32)))
   assert dd.summary.unconnected(vw, dd.linear_calls(wide, vw, jnp.ones((1, 32)))[0]) == (0, 0)
+
+
+def test_masked_layers_count_what_their_masks_keep():
+  """A mask method's nn.Dense layers: 'dense, masked' at the weights their masks keep."""
+  x = jnp.ones((2, 8, 40))
+  model = Tower(dd.LayerFactory.from_dict({}, backend="dense"))  # all nn.Dense
+  v = model.init(jax.random.PRNGKey(0), x)
+  kept = {"up/kernel": 1200, "sub/mid/kernel": 9000}
+  t = dd.totals(model, v, x, masks_kept=kept)
+  plain = dd.totals(model, v, x)
+  assert plain["sparsity"] == 0.0 and plain["stored_params"] == plain["dense_params"]
+  dense_up = 40 * 300
+  mid = next(c for c in t["layers"] if "/".join(c.path) == "sub/mid")
+  assert t["held"][mid.path] == 9000
+  assert t["stored_params"] == plain["stored_params"] - dense_up - mid.m * mid.n + 1200 + 9000
+  assert abs(t["sparsity"] - (1 - (1200 + 9000) / (dense_up + mid.m * mid.n))) < 1e-12
+  table = dd.summarize(model, v, x, masks_kept=kept)
+  up = next(l for l in table.splitlines() if l.startswith("up "))
+  assert "dense, masked" in up and f"{1 - 1200 / dense_up:.4f}" in up and "1,200" in up
+  assert f"masked kernels: sparsity {t['sparsity']:.4f}" in table
+
+
+def test_rigl_run_reports_the_sparsity_of_its_masks(tmp_path):
+  """train.py with a mask method: its table, last line and summary.json agree (never 'dense at
+  sparsity 0.0000' beside 'sparsity 0.9')."""
+  import json
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  r = subprocess.run([sys.executable, str(root / "train.py"), "--config",
+                      str(root / "configs" / "digits_mlp.py"), "--workdir", str(tmp_path / "wd"),
+                      "--config.method=rigl", "--config.total_steps=10", "--config.masks.every=5",
+                      "--config.progress_bar=False", "--config.fast_compile=True",
+                      "--config.eval_every=0"], cwd=root, capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  s = json.loads((tmp_path / "wd" / "summary.json").read_text())
+  assert 0.85 < s["sparsity"] < 0.95
+  rows = [l for l in r.stdout.splitlines() if l.startswith(("fc1 ", "fc2 ", "head "))]
+  assert len(rows) == 3 and all("dense, masked" in l for l in rows), r.stdout
+  assert sum(int(l.split()[-4].replace(",", "")) for l in rows) == sum(s["layer_kept"].values())
+  assert f"masked kernels: sparsity {s['sparsity']:.4f}" in r.stdout
+  assert f"sparsity {s['sparsity']:.4f}  stored {s['stored_params']:,}" in r.stdout

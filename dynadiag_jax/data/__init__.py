@@ -15,9 +15,11 @@ num_test, train_split, eval_split and get_batch(split, idx, rngs, augment).
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 
 import ml_collections
+import numpy as np
 
 from dynadiag_jax.data import augment, builders, device, images, jpeg, pipeline, text
 from dynadiag_jax.data.augment import AugmentConfig
@@ -73,6 +75,30 @@ def num_workers(cfg: ml_collections.ConfigDict, source) -> int:
   return default_workers(source) if w is None else int(w)
 
 
+def check_splits(source) -> None:
+  """Reads the first and last example of the train and eval splits; DataNotFoundError naming the
+  split and its files when one is missing, empty or unreadable (before the first step)."""
+  where = getattr(getattr(source, "builder", None), "data_path", None) or getattr(
+      source, "where", source.name)
+  for split in dict.fromkeys((source.train_split, source.eval_split)):
+    try:
+      n = source.num_examples(split)
+    except (KeyError, ValueError) as e:
+      raise DataNotFoundError(f"{source.name} has no split {split!r} in {where} ({e})") from None
+    if n < 1:
+      raise DataNotFoundError(f"split {split!r} of {source.name} in {where} is empty")
+    try:
+      source.get_batch(split, np.asarray(sorted({0, n - 1})))
+    except DataNotFoundError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      err = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+      files = sorted(glob.glob(os.path.join(str(where), f"*-{split}.*")))
+      named = f" ({', '.join(files)})" if files else ""
+      raise DataNotFoundError(f"cannot read split {split!r} of {source.name} in {where}{named}: "
+                              f"{err}") from None
+
+
 def build(cfg: ml_collections.ConfigDict) -> ImageSource | TextSource:
   """The source named by cfg.name (offline sets are prepared into data_dir on first use)."""
   name = cfg.name
@@ -97,7 +123,7 @@ def build(cfg: ml_collections.ConfigDict) -> ImageSource | TextSource:
 
 
 __all__ = [
-    "AugmentConfig", "ByteTokenizer", "DataNotFoundError", "GPT2Tokenizer", "ImageSource",
+    "AugmentConfig", "ByteTokenizer", "DataNotFoundError", "check_splits", "GPT2Tokenizer", "ImageSource",
     "Prefetch", "TextSource", "augment", "augment_config", "batches", "build", "builders",
     "default_config", "default_data_dir", "default_workers", "device", "eval_batch", "eval_batches",
     "get_tokenizer", "images", "jpeg", "num_workers", "pipeline", "text", "train_batch",

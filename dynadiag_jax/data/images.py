@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
+import json
 import os
 import threading
 from typing import Sequence
@@ -71,8 +73,49 @@ def _prepare_help(name: str, data_dir: str) -> str:
           f"cfg.data_dir / DYNADIAG_DATA_DIR at it).")
 
 
+def _damaged(name: str, data_dir: str, err: Exception) -> DataNotFoundError:
+  """The error for a data set folder tfds cannot read, naming its unreadable JSON files."""
+  folder = os.path.join(data_dir, name)
+  bad = []
+  for root, _, files in os.walk(folder):
+    for f in sorted(files):
+      if f.endswith(".json"):
+        try:
+          with open(os.path.join(root, f)) as fh:
+            json.load(fh)
+        except (OSError, ValueError):
+          bad.append(os.path.join(root, f))
+  what = f"{', '.join(bad)} cannot be read as JSON" if bad else \
+      " ".join(f"{type(err).__name__}: {err}".split())[:300]
+  again = (f" Remove {folder} to prepare it again (it is made offline)." if name in
+           builders.OFFLINE else f" {_prepare_help(name, data_dir)}")
+  return DataNotFoundError(f"Data set {name!r} in {folder} is damaged: {what}.{again}")
+
+
 def load_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  """The prepared tfds builder of `name`; offline ones are prepared here, others must exist."""
+  """The prepared tfds builder of `name`; offline ones are prepared here, others must exist.
+
+  A folder tfds cannot read (a broken dataset_info.json) is a DataNotFoundError naming the file.
+  """
+  try:
+    return _load_builder(name, data_dir)
+  except OSError as e:  # a read-only or full data_dir while preparing, a file it cannot open
+    words = {errno.EROFS: "read-only file system", errno.ENOSPC: "disk full",
+             errno.EACCES: "permission denied"}.get(e.errno, type(e).__name__)
+    where = e.filename or data_dir
+    raise DataNotFoundError(
+        f"Data set {name!r} cannot be " + ("prepared" if name in builders.OFFLINE else "read")
+        + f" in {data_dir}: {words} ({e.strerror or e}: {where}). Point cfg.data_dir or "
+        "DYNADIAG_DATA_DIR at a folder it can use.") from None
+  except (DataNotFoundError, ValueError) as e:
+    if isinstance(e, DataNotFoundError) or str(e).startswith("unknown image data set"):
+      raise
+    raise _damaged(name, data_dir, e) from None
+  except Exception as e:  # pylint: disable=broad-except  (protobuf's ParseError, OSError, ...)
+    raise _damaged(name, data_dir, e) from None
+
+
+def _load_builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   if name in builders.OFFLINE:
     return builders.prepare(name, data_dir)
   if name not in INFO:

@@ -192,6 +192,9 @@ def wikitext103_streams(text_dir: str, tok, cache_dir: str | None = None) -> dic
   out = {}
   for split, fname in WIKITEXT_FILES.items():
     path = os.path.join(text_dir, fname)
+    if os.path.getsize(path) == 0:
+      raise DataNotFoundError(f"Data set 'wikitext103': {path} is empty; get the raw files again "
+                              f"({WIKITEXT_URL})")
     if isinstance(tok, ByteTokenizer):
       out[split] = np.memmap(path, np.uint8, mode="r")
       continue
@@ -214,14 +217,16 @@ class TextSource(Source):
   kind = "text"
 
   def __init__(self, name: str, streams: dict[str, np.ndarray], tokenizer, seq_len: int,
-               eval_split: str):
+               eval_split: str, files: dict[str, str] | None = None):
     self.name, self.streams, self.tokenizer, self.seq_len = name, streams, tokenizer, seq_len
     self.train_split, self.eval_split = "train", eval_split
     self.augment = None
+    self.where = os.path.dirname(next(iter(files.values()))) if files else name
     for split in streams:
       if self.num_examples(split) < 1:
-        raise ValueError(f"{name} {split}: {len(streams[split])} tokens, fewer than "
-                         f"seq_len + 1 = {seq_len + 1}")
+        what = f"{files[split]}: " if files and split in files else f"{name} {split}: "
+        raise DataNotFoundError(f"{what}{len(streams[split])} tokens, fewer than "
+                                f"seq_len + 1 = {seq_len + 1}")
 
   @property
   def vocab_size(self) -> int:
@@ -258,5 +263,6 @@ def wikitext103_source(text_dir: str, seq_len: int, tok=None, cache_dir: str | N
                        eval_split: str = "test") -> TextSource:
   """WikiText-103 from its raw files in text_dir."""
   tok = tok or ByteTokenizer()
+  files = {k: os.path.join(text_dir, f) for k, f in WIKITEXT_FILES.items()}
   return TextSource("wikitext103", wikitext103_streams(text_dir, tok, cache_dir), tok, seq_len,
-                    eval_split)
+                    eval_split, files)

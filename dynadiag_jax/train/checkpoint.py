@@ -30,6 +30,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import save_decision_policy
 
 from dynadiag_jax import recipe as recipe_lib
+from dynadiag_jax.train import guard
 from dynadiag_jax.train.state import TrainState
 
 FORMAT = 1
@@ -60,7 +61,51 @@ REMOVED = {"select_every": 1, "select_after": 0, "alpha_spread": 1e-3, "alpha_up
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored (corrupt, incomplete or from another config)."""
+  """A checkpoint that cannot be restored (corrupt, incomplete or from another config) or saved."""
+
+
+# What a failed write says, and the words a person needs (the errno name buried in tensorstore's).
+CAUSES = (("No space left on device", "disk full (No space left on device)"),
+          ("Disk quota exceeded", "disk quota exceeded"),
+          ("Read-only file system", "read-only file system"),
+          ("Permission denied", "permission denied"),
+          ("File too large", "file too large (a file size limit)"))
+
+
+def cause(err: BaseException) -> str:
+  """The cause of a failed checkpoint write in a few words, from the exception and its chain."""
+  chain, e = [], err
+  while e is not None and len(chain) < 20:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  text = " ".join(f"{type(x).__name__}: {x}" for x in chain)
+  for needle, words in CAUSES:
+    if needle in text:
+      return words
+  first = " ".join(f"{type(chain[-1]).__name__}: {chain[-1]}".split())
+  return first[:300]
+
+
+def _mb(n: int) -> str:
+  return f"{n / 2**20:.1f} MB"
+
+
+def check_directory(directory: str, must_exist: bool = False):
+  """CheckpointError when `directory` is there but is not a readable directory (a damaged workdir)."""
+  if not os.path.lexists(directory):
+    if must_exist:
+      raise CheckpointError(f"No checkpoint directory {directory!r}")
+    return
+  if not os.path.isdir(directory):
+    raise CheckpointError(
+        f"{directory!r} is not a directory, so its checkpoints are gone or hidden: this workdir is "
+        "damaged and will not be restarted from step 0. Put the checkpoints directory back to "
+        "resume, or use a new --workdir.")
+  try:
+    os.listdir(directory)
+  except OSError as e:
+    raise CheckpointError(f"Cannot read the checkpoint directory {directory!r}: {e.strerror}. "
+                          "Fix its permissions to resume, or use a new --workdir.") from e
 
 
 def flatten(state: TrainState) -> dict[str, np.ndarray]:
@@ -155,17 +200,28 @@ def config_diff(saved: Any, current: Any, may_change: tuple[str, ...] = MAY_CHAN
 
 
 class Checkpointer:
-  """A `CheckpointManager` in `directory` saving every `every` steps, keeping `keep`."""
+  """A `CheckpointManager` in `directory` saving every `every` steps, keeping `keep`.
 
-  def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True):
+  `read_only`: never creates, cleans up or deletes anything (verify, also beside a live run).
+  """
+
+  def __init__(self, directory: str, every: int, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     if every < 1 or keep < 1:
       raise ValueError(f"checkpoint every and keep must be >= 1, got {every}, {keep}")
     self.directory = os.path.abspath(directory)
     self.every = every
-    opts = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        save_decision_policy=save_decision_policy.FixedIntervalPolicy(every),
-        enable_async_checkpointing=async_save)
+    self._saving: int | None = None  # the step of the save in flight, until it is checked
+    self._hold = guard.StderrHold() if async_save and not read_only else None
+    check_directory(self.directory, must_exist=read_only)
+    if read_only:
+      opts = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                          cleanup_tmp_directories=False, save_root_metadata=False)
+    else:
+      opts = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+          save_decision_policy=save_decision_policy.FixedIntervalPolicy(every),
+          enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=opts, item_names=("state", "meta"))
 
   def latest_step(self) -> int | None:
@@ -177,17 +233,81 @@ class Checkpointer:
     return step % self.every == 0 and self.manager.should_save(step)
 
   def save(self, state: TrainState, extra_meta: dict | None = None, force: bool = False) -> bool:
-    """Starts saving an un-replicated (numpy) state at its step; returns whether it saves."""
+    """Starts saving an un-replicated (numpy) state at its step; returns whether it saves.
+
+    Raises CheckpointError, before writing, when the filesystem lacks room for it, and when
+    the previous save failed (`check`).
+    """
     step = int(state.step)
     if not force and not self.should_save(step):
       return False
+    self.check(wait=True)
     if step in self.manager.all_steps():
       return False
     flat = flatten(state)
+    self._check_space(step, sum(v.nbytes for v in flat.values()))
     meta = {"format": FORMAT, "step": step, "level": state.level, "frozen": bool(state.frozen),
             "signature": signature(flat), "crc32": checksums(flat), **(extra_meta or {})}
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=force)
+    if self._hold is not None:
+      self._hold.start()
+    try:
+      started = self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      self._release(ok=False)
+      raise self._save_failed(step, e) from None
+    self._saving = step if started else None
+    if not started:
+      self._release(ok=True)
+    return started
+
+  def _release(self, ok: bool):
+    """Ends holding stderr back: replayed after a save that landed, dropped after a failed one."""
+    if self._hold is not None:
+      self._hold.release() if ok else self._hold.drop()  # pylint: disable=expression-not-assigned
+
+  def _check_space(self, step: int, nbytes: int):
+    """CheckpointError when the filesystem has less room than one more checkpoint needs."""
+    try:
+      st = os.statvfs(self.directory)
+    except OSError:
+      return
+    free, need = st.f_bavail * st.f_frsize, int(nbytes * 1.2) + (1 << 20)
+    if free < need:
+      raise CheckpointError(
+          f"Cannot save the checkpoint at step {step} in {self.directory!r}: disk full (needs "
+          f"about {_mb(need)}, {_mb(free)} free). The run stopped; {self._newest()} Free space, "
+          "then rerun the same command to resume.")
+
+  def check(self, wait: bool = False):
+    """Raises CheckpointError if the last save failed (once it has ended; `wait`: wait for it)."""
+    step = self._saving
+    if step is None or (not wait and self.manager.is_saving_in_progress()):
+      return
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._release(ok=False)
+      self._saving = None
+      raise self._save_failed(step, e) from None
+    landed = os.path.isdir(os.path.join(self.directory, str(step)))  # committed
+    self._release(ok=landed)
+    self._saving = None
+    if not landed:
+      raise self._save_failed(step, None)
+
+  def _newest(self) -> str:
+    """'the newest checkpoint kept is step N.' (or that there is none)."""
+    steps = [s for s in self.manager.all_steps() if s != self._saving]
+    return (f"the newest checkpoint kept is step {max(steps)}." if steps else
+            "no checkpoint was saved.")
+
+  def _save_failed(self, step: int, err: BaseException | None) -> "CheckpointError":
+    """The one-line error of a failed save, naming its cause (disk full, read-only, ...)."""
+    return CheckpointError(f"Cannot save the checkpoint at step {step} in {self.directory!r}: "
+                           f"{cause(err) if err else 'it did not land'}. The run stopped; "
+                           f"{self._newest()} Rerun the same command to resume once it is fixed.")
 
   def _where(self, step: int) -> str:
     return f"checkpoint at step {step} in {self.directory!r}"
@@ -275,18 +395,44 @@ class Checkpointer:
     return state, meta
 
   def wait(self):
-    """Blocks until pending async saves are on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until pending async saves are on disk; CheckpointError if one failed."""
+    self.check(wait=True)
 
   def close(self):
-    """Waits for pending saves and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for pending saves and releases the manager (a failed save was reported by `check`)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    self._release(ok=self._saving is None or os.path.isdir(
+        os.path.join(self.directory, str(self._saving))))
+    try:
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
 
 
-def load(directory: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
-  """(flat {path: array}, meta) of the newest (or `step`) checkpoint in `directory`, verified."""
-  ck = Checkpointer(directory, every=1)
+def load(directory: str, step: int | None = None, tries: int = 5) -> tuple[dict[str, np.ndarray], dict]:
+  """(flat {path: array}, meta) of the newest (or `step`) checkpoint in `directory`, verified.
+
+  Reads only: nothing in `directory` is created, renamed or deleted (safe beside a live run;
+  a step that the run deletes while it is read is tried again, `tries` times in all).
+  """
+  for attempt in range(tries):
+    try:
+      return _load_once(directory, step)
+    except (OSError, CheckpointError) as e:
+      gone = isinstance(e, FileNotFoundError) or isinstance(e.__cause__, FileNotFoundError)
+      if not gone or attempt == tries - 1:
+        if isinstance(e, CheckpointError):
+          raise
+        raise CheckpointError(f"Cannot read the checkpoints in {os.path.abspath(directory)!r}: "
+                              f"{e.strerror or e} ({e.filename})") from e
+  raise AssertionError("unreachable")
+
+
+def _load_once(directory: str, step: int | None) -> tuple[dict[str, np.ndarray], dict]:
+  ck = Checkpointer(directory, every=1, read_only=True)
   try:
     step = ck.latest_step() if step is None else step
     if step is None:

@@ -86,11 +86,10 @@ def _on_peer_lost(status: Any = None):
   try:
     wd = _context["workdir"]
     where = f" Checkpoints are in {os.path.join(wd, 'checkpoints')};" if wd else ""
-    sys.stderr.write(
+    os.write(guard.terminal_fd(), (
         f"\ndynadiag: process {_context['process']} lost the multi-host run: a peer process died "
         f"or stopped answering ({status}).{where} restart every process with the same command "
-        f"to resume from the newest checkpoint.\n")
-    sys.stderr.flush()
+        f"to resume from the newest checkpoint.\n").encode())
   finally:
     os._exit(PEER_LOST_EXIT)  # pylint: disable=protected-access
 

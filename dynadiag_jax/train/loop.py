@@ -21,7 +21,7 @@ import optax
 import dynadiag_jax as dd
 from dynadiag_jax import data, methods
 from dynadiag_jax.methods import records
-from dynadiag_jax.train import build, checkpoint, distributed, guard, progress
+from dynadiag_jax.train import build, checkpoint, distributed, guard, lock, progress, signals
 from dynadiag_jax.train import state as state_lib
 from dynadiag_jax.train.step import FAST_COMPILE, make_eval_step, make_train_step
 
@@ -44,32 +44,35 @@ def maybe_initialize_distributed(config: ml_collections.ConfigDict):
   distributed.initialize(config)
 
 
-class _Preemption:
-  """Remembers a SIGTERM (single host, main thread only); restores the old handler on exit."""
+class _StopSignals:
+  """Where the loop learns of SIGINT / SIGTERM (signals.py); restores the old handlers on exit.
+
+  train.py installs the flag-only handlers at its first line. A run started from Python
+  (tests, notebooks) gets one for SIGTERM here, for the loop's duration; its Ctrl-C stays
+  Python's KeyboardInterrupt. Multi-host, JAX's preemption service owns SIGTERM.
+  """
 
   def __init__(self):
-    self.flag, self._old = False, None
+    self._old = None
 
   def __enter__(self):
-    if jax.process_count() == 1:  # multi-host: JAX's preemption service owns SIGTERM
+    if jax.process_count() == 1 and not signals.installed():
+      signals.forget()  # a signal noted by an earlier run in this process
       with contextlib.suppress(ValueError):  # not the main thread
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._old = signal.signal(signal.SIGTERM, signals._note)  # pylint: disable=protected-access
     return self
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.flag = True
+  def reached(self, step: int) -> int | None:
+    """The signal to stop for before `step`, or None.
 
-  def reached(self, step: int) -> bool:
-    """Whether to stop before `step`: SIGTERM here, or, multi-host, JAX's preemption sync point.
-
-    Hosts must stop at the same step, so multi-host runs rely on the coordination
+    Hosts must stop at the same step, so multi-host runs take SIGTERM from the coordination
     service's preemption notice (all hosts agree on the step) instead of the local signal.
     """
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.flag
+      if multihost_utils.reached_preemption_sync_point(step):
+        return signal.SIGTERM
+    return signals.requested()
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -82,8 +85,16 @@ def _device_preprocess(source):
   return jax.pmap(data.device.preprocess(source))
 
 
-def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices) -> dict[str, float]:
-  """loss, accuracy (and perplexity for text) over the whole eval split."""
+class _EvalStopped(Exception):
+  """A stop signal came during an evaluation (it is abandoned: it changes no state)."""
+
+
+def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices,
+             interruptible: bool = False) -> dict[str, float]:
+  """loss, accuracy (and perplexity for text) over the whole eval split.
+
+  interruptible: a stop signal (signals.py) abandons it between batches (_EvalStopped).
+  """
   n = len(devices) * jax.process_count()
   eb = int(math.ceil(config.eval_batch_size / n) * n)
   sums = None
@@ -92,6 +103,8 @@ def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices) -> d
                                             workers=data.num_workers(config.data, source),
                                             prefetch=config.data.prefetch)) as it:
     for batch in it:
+      if interruptible and signals.requested() is not None and jax.process_count() == 1:
+        raise _EvalStopped()
       out = p_eval(rstate, prep(state_lib.shard(batch, devices)))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
   s = state_lib.unreplicate(sums)
@@ -111,6 +124,9 @@ def _check(config: ml_collections.ConfigDict):
   for k in ("log_every", "eval_every"):
     if config[k] < 0:
       raise ValueError(f"config.{k} must be >= 0, got {config[k]}")
+  for k in ("every", "keep"):
+    if config.checkpoint[k] < 1:
+      raise ValueError(f"config.checkpoint.{k} must be >= 1, got {config.checkpoint[k]}")
 
 
 @dataclasses.dataclass
@@ -127,6 +143,7 @@ class Run:
   tx: optax.GradientTransformation
   lr: optax.Schedule
   options: dict | None  # compiler options
+  _fresh: state_lib.TrainState | None = dataclasses.field(default=None, repr=False)
 
   @classmethod
   def build(cls, config: ml_collections.ConfigDict) -> "Run":
@@ -147,8 +164,10 @@ class Run:
     return self.sched.k_start_fraction if self.sched is not None else 1.0
 
   def fresh(self) -> state_lib.TrainState:
-    """The initial state, un-replicated."""
-    return state_lib.prepare(self.config, self.fresh_unprepared())
+    """The initial state, un-replicated (built once: it also validates the model's fields)."""
+    if self._fresh is None:
+      self._fresh = state_lib.prepare(self.config, self.fresh_unprepared())
+    return self._fresh
 
   def fresh_unprepared(self) -> state_lib.TrainState:
     """The initial state before the method's preparation (static_diag's freeze)."""
@@ -189,13 +208,17 @@ def _pending_restored(meta: dict) -> list[dict]:
 
 
 def _start(config: ml_collections.ConfigDict) -> "Run":
-  """The run's pieces; config values that cannot run raise ConfigError (nothing is written)."""
+  """The run's pieces and its initial state; config values that cannot run (any field the
+  model, optimizer, method or data reads) raise ConfigError before anything is written."""
   try:
     _check(config)
-    return Run.build(config)
+    run = Run.build(config)
+    data.check_splits(run.source)  # a missing or unreadable split stops now, not at the end
+    run.fresh()
+    return run
   except (guard.ConfigError, data.DataNotFoundError):
     raise
-  except ValueError as e:
+  except (ValueError, TypeError) as e:
     raise guard.ConfigError(" ".join(str(e).split())) from e
 
 
@@ -210,9 +233,10 @@ def _diverged(e: guard.DivergenceError, ck: checkpoint.Checkpointer) -> guard.Di
 
 def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, start: int | None,
              compiles: int) -> dict:
-  """What summary.json holds."""
+  """What summary.json holds (a mask method's sparsity and stored weights from its masks)."""
   text = run.spec.kind == "text"
-  tot = dd.totals(run.model, host.variables, run.spec.dummy_input())
+  kept = _masks_kept(run, host)
+  tot = dd.totals(run.model, host.variables, run.spec.dummy_input(), masks_kept=kept)
   return {
       ("perplexity" if text else "test_accuracy"): ev["perplexity" if text else "accuracy"],
       "test_loss": ev["loss"], **({"token_accuracy": ev["accuracy"]} if text else {}),
@@ -220,21 +244,17 @@ def _summary(run: Run, host: state_lib.TrainState, ev: dict, wall_s: float, star
       "dense_params": tot["dense_params"], "steps": run.steps, "wall_s": wall_s,
       "resumed_from": start, "train_step_compiles": compiles, "layer_sparsity": run.sparsity,
       "model": run.config.model.name, "data": run.source.name, "method": methods.name(run.config),
-      "code": progress.code_version(), **_mask_totals(run, host),
+      "code": progress.code_version(), **({"layer_kept": kept} if kept is not None else {}),
   }
 
 
-def _mask_totals(run: Run, host: state_lib.TrainState) -> dict:
-  """sparsity and stored_params of a mask method from its masks (dense kernels otherwise)."""
+def _masks_kept(run: Run, host: state_lib.TrainState) -> dict[str, int] | None:
+  """{'<layer>/kernel': weights its mask keeps} of a mask method, else None."""
   kept = methods.stored_weights(run.config, run.model, run.spec.dummy_input(), run.sparsity,
                                 host.opt_state)
-  if kept is None:
-    return {}
-  dense = kept.pop("dense")
-  tot = dd.totals(run.model, host.variables, run.spec.dummy_input())
-  n = sum(kept.values())
-  return {"sparsity": 1.0 - n / dense, "stored_params": tot["stored_params"] - dense + n,
-          "layer_kept": kept}
+  if kept is not None:
+    kept.pop("dense")
+  return kept
 
 
 def _compile_options(config: ml_collections.ConfigDict) -> dict | None:
@@ -250,15 +270,16 @@ def _compile_options(config: ml_collections.ConfigDict) -> dict | None:
   return FAST_COMPILE
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains config's model on config's data, checkpointing into workdir; returns the summary.
 
   Resumes from the newest checkpoint in <workdir>/checkpoints. Writes metrics.jsonl,
-  TensorBoard events and, at the end, summary.json. Returns None when stopped by SIGTERM
-  (after saving a checkpoint to resume from). wall_s counts every run of the same workdir.
-  Raises guard.ConfigError (before creating anything) for config values that cannot run,
-  guard.WorkdirError, CheckpointError (also for a checkpoint of another config) and
-  guard.DivergenceError at the first non-finite loss (the last good checkpoint is kept).
+  TensorBoard events and, at the end, summary.json. wall_s counts every run of the same
+  workdir. Raises guard.ConfigError (before creating anything) for config values that cannot
+  run, guard.WorkdirError (lock.WorkdirBusyError: another live run holds the workdir),
+  CheckpointError (a checkpoint of another config, past total_steps, damaged, or a failed
+  save), guard.DivergenceError at the first non-finite loss (the last good checkpoint is kept)
+  and guard.Stopped after SIGINT / SIGTERM (the current step saved first).
   """
   t0 = time.perf_counter()
   maybe_initialize_distributed(config)
@@ -269,136 +290,302 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict 
     raise
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict | None:
-  """train_and_evaluate after jax.distributed is up."""
+def _train(config: ml_collections.ConfigDict, workdir: str, t0: float) -> dict:
+  """train_and_evaluate after jax.distributed is up: start, resume, loop, finish."""
   run = _start(config)
+  if signals.installed() and (signum := signals.requested()) is not None:  # nothing created yet
+    raise guard.Stopped(f"{signals.name(signum)} before the first step: nothing trained, "
+                        "nothing saved", signum)
   workdir = guard.make_workdir(workdir)
-  distributed.check_shared_workdir(workdir)  # multi-host: one filesystem, or a clear error
-  devices, lead = run.devices, jax.process_index() == 0
+  with lock.WorkdirLock(workdir, jax.process_index()):
+    distributed.check_shared_workdir(workdir)  # multi-host: one filesystem, or a clear error
+    ck = _checkpointer(workdir, config)
+    try:
+      loop = Loop.resume(run, workdir, ck, t0)
+      with loop.reporting(), _StopSignals() as stop, contextlib.closing(loop.batches):
+        for step in range(loop.start, run.steps):
+          if (signum := stop.reached(step)) is not None:
+            loop.stop(step, signum)
+          loop.maybe_advance_phase(step)
+          loop.train_step(step)
+          loop.log(step + 1)
+          loop.evaluate(step + 1)
+          loop.checkpoint(step + 1)
+        loop.final_checkpoint()
+    finally:
+      ck.close()
+    return loop.finish()
 
-  ck = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint.every,
-                               config.checkpoint.keep, config.checkpoint.async_save)
-  latest, wall0, carried = distributed.agree(ck.latest_step()), 0.0, []  # process 0 decides
+
+def _checkpointer(workdir: str, config: ml_collections.ConfigDict) -> checkpoint.Checkpointer:
+  """The workdir's Checkpointer; CheckpointError when its checkpoints directory is damaged."""
+  return checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), config.checkpoint.every,
+                                 config.checkpoint.keep, config.checkpoint.async_save)
+
+
+def _resume_point(run: Run, workdir: str, ck: checkpoint.Checkpointer) -> int | None:
+  """The step to resume from (process 0 decides), or None to start; refuses what cannot be resumed.
+
+  A checkpoint past total_steps is refused (ConfigError: it holds another, longer run), and so
+  is a fresh start in a workdir whose metrics.jsonl already holds records: its checkpoints are
+  gone or damaged, and starting over would overwrite that history (CheckpointError).
+  """
+  latest = distributed.agree(ck.latest_step())
+  if latest is not None and latest > run.steps:
+    raise guard.ConfigError(
+        f"the checkpoint at step {latest} in {ck.directory} is past this run's {run.steps} "
+        f"steps: it holds a longer run. Rerun with --config.total_steps={latest} (or more) to "
+        "resume or report it, or use a new --workdir")
   if latest is None:
-    host = run.fresh()
-  else:
-    with guard.stderr_dropped_on_error():
-      try:
+    old = [r.get("step", 0) for r in progress.read_metrics(workdir)]
+    if old or os.path.exists(os.path.join(workdir, progress.SUMMARY_FILE)):
+      upto = f" up to step {max(old)}" if old else ""
+      raise checkpoint.CheckpointError(
+          f"{workdir} holds the records of an earlier run{upto} ({progress.METRICS_FILE}) but no "
+          f"checkpoint to resume from in {ck.directory}: it will not be restarted from step 0 over "
+          f"them. Put its checkpoints back to resume, use a new --workdir, or remove "
+          f"{progress.METRICS_FILE} and {progress.SUMMARY_FILE} there to start afresh.")
+  return latest
+
+
+@dataclasses.dataclass
+class Loop:
+  """One pass of the training loop over [start, run.steps): the replicated state, the metrics
+  not yet logged, and where they go. Each periodic task is one method, called in order by
+  `_train` for every step: maybe_advance_phase, train_step, log, evaluate, checkpoint."""
+  run: Run
+  workdir: str
+  ck: checkpoint.Checkpointer
+  rep: progress.Reporter
+  start: int
+  resumed: bool  # from a checkpoint (else a fresh start)
+  wall0: float  # wall seconds of the runs before this one
+  t0: float
+  rstate: Any = None  # replicated TrainState
+  active: int = 0  # diagonals computed per step
+  pending: list = dataclasses.field(default_factory=list)  # per-step metrics since the last record
+  watch: guard.FiniteWatch = dataclasses.field(default_factory=guard.FiniteWatch)
+  p_train: Any = None
+  p_eval: Any = None
+  batches: Any = None
+  host: Any = None  # the final un-replicated state, once trained
+
+  @classmethod
+  def resume(cls, run: Run, workdir: str, ck: checkpoint.Checkpointer, t0: float) -> "Loop":
+    """Restores the newest checkpoint (or starts fresh), opens the reports, compiles lazily."""
+    config, lead = run.config, jax.process_index() == 0
+    latest, wall0, carried = _resume_point(run, workdir, ck), 0.0, []
+    if latest is None:
+      host = run.fresh()
+    else:
+      with guard.stderr_dropped_on_error():
         host, meta = ck.restore(latest, run.like, config)
-      except BaseException:
-        ck.close()  # orbax's async threads end before the error surfaces
-        raise
-    wall0, carried = float(meta.get("wall_s", 0.0)), _pending_restored(meta)
-  wall = lambda: wall0 + time.perf_counter() - t0
-  start = int(host.step)
-  rep = progress.Reporter(workdir, run.steps, start, active=lead, bar=config.progress_bar)
-  if latest is not None:
-    rep.event(start, "restore", level=host.level, frozen=host.frozen)
-    rep.message(f"Resumed from {ck.directory} at step {start} "
-                f"({'frozen' if host.frozen else f'K_active level {host.level}'}).")
-  else:
-    rep.message(f"{type(run.model).__name__} on {run.source.name}: {run.steps} steps, batch "
-                f"{config.batch_size} over {len(devices)} device(s) x {jax.process_count()} "
-                f"host(s), "
-                + (f"freeze at step {run.sched.freeze_step}" if run.sched else "dense"))
+      wall0, carried = float(meta.get("wall_s", 0.0)), _pending_restored(meta)
+    start = int(host.step)
+    rep = progress.Reporter(workdir, run.steps, start, active=lead, bar=config.progress_bar)
+    loop = cls(run, workdir, ck, rep, start, latest is not None, wall0, t0, pending=carried)
+    loop.greet(host)
+    loop.place(host)
+    loop.p_train = make_train_step(run.model, run.tx, run.sched, run.spec,
+                                   config.label_smoothing, run.options)
+    loop.p_eval = make_eval_step(run.model, run.spec, run.options, run.sched)
+    loop.batches = data.batches(run.source, config.batch_size, seed=config.seed,
+                                start_step=start, num_devices=len(run.devices), raw=True,
+                                prefetch=config.data.prefetch,
+                                workers=data.num_workers(config.data, run.source),
+                                num_steps=run.steps - start)
+    return loop
 
-  p_train = make_train_step(run.model, run.tx, run.sched, run.spec, config.label_smoothing,
-                            run.options)
-  p_eval = make_eval_step(run.model, run.spec, run.options, run.sched)
-  watch = guard.FiniteWatch()
+  @property
+  def lead(self) -> bool:
+    return jax.process_index() == 0
 
-  def save(h: state_lib.TrainState, force: bool = False):
-    watch.check()  # never save past a non-finite loss
-    if not guard.finite_state(h.params):
+  def wall(self) -> float:
+    """Wall seconds of every run of this workdir so far."""
+    return self.wall0 + time.perf_counter() - self.t0
+
+  def greet(self, host: state_lib.TrainState):
+    """The run's first line: where it resumed, or what it trains."""
+    run, config = self.run, self.run.config
+    if self.resumed:
+      self.rep.event(self.start, "restore", level=host.level, frozen=host.frozen)
+      self.rep.message(f"Resumed from {self.ck.directory} at step {self.start} "
+                       f"({'frozen' if host.frozen else f'K_active level {host.level}'}).")
+    else:
+      self.rep.message(
+          f"{type(run.model).__name__} on {run.source.name}: {run.steps} steps, batch "
+          f"{config.batch_size} over {len(run.devices)} device(s) x {jax.process_count()} "
+          f"host(s), " + (f"freeze at step {run.sched.freeze_step}" if run.sched else "dense"))
+
+  def place(self, host: state_lib.TrainState):
+    """Replicates a host state onto the devices; the diagonals it computes per step."""
+    self.rstate = state_lib.replicate(host, self.run.devices)
+    self.active = state_lib.active_diagonals(host, self.run.k_start_fraction)
+
+  def maybe_advance_phase(self, step: int):
+    """A K_active level change or the freeze, when one is due before `step`."""
+    if state_lib.due(self.rstate, self.run.sched, step):
+      host = state_lib.advance(state_lib.unreplicate(self.rstate), self.run.sched, step)
+      if host.frozen:
+        self.rep.event(step, "freeze")
+      self.place(host)
+
+  def train_step(self, step: int):
+    """One optimizer step on the batch of `step`; its metrics are watched and kept for `log`."""
+    batch = _device_preprocess(self.run.source)(
+        state_lib.shard(next(self.batches), self.run.devices))
+    self.rstate, metrics = self.p_train(self.rstate, batch)
+    self.rep.tick()
+    self.watch.add(step + 1, metrics)
+    if self.run.config.log_every:
+      self.pending.append(metrics)
+
+  def log(self, done: int):
+    """A train record every log_every steps (and at the end), plus the alpha trace."""
+    run, every = self.run, self.run.config.log_every
+    if not every or (done % every and done != run.steps):
+      return
+    self.watch.check()
+    rec = _train_record(run, self.pending, done - 1, self.active, self.rstate.frozen,
+                        self.rep.steps_per_s(done))
+    self.rep.write(done, "train", rec, postfix=True)
+    self.pending = []
+    if self.lead and self.rstate.sparse and not self.rstate.frozen:
+      records.trace(self.workdir, done, self.rstate, float(run.sched.temperature(done - 1)))
+
+  def evaluate(self, done: int):
+    """An eval record every eval_every steps (the last step's comes from `finish`)."""
+    config = self.run.config
+    if not config.eval_every or done % config.eval_every or done >= self.run.steps:
+      return
+    self.watch.check()
+    try:
+      ev = evaluate(self.p_eval, self.rstate, self.run.source, self.run.spec, config,
+                    self.run.devices, interruptible=True)
+    except _EvalStopped:
+      return  # the loop stops at the next boundary, saving this step
+    guard.check_eval(ev, done)
+    self.rep.write(done, "eval", ev)
+
+  def checkpoint(self, done: int):
+    """A save at every multiple of checkpoint.every; a failed earlier save stops the run here."""
+    if done < self.run.steps and self.ck.should_save(done):
+      self.save(state_lib.unreplicate(self.rstate))
+    else:
+      self.ck.check()
+
+  def save(self, host: state_lib.TrainState, force: bool = False):
+    """Starts saving `host` (never past a non-finite loss or with non-finite parameters)."""
+    self.watch.check()
+    if not guard.finite_state(host.params):
       raise guard.DivergenceError(
-          f"training diverged: non-finite parameters at step {int(h.step)}", int(h.step))
-    ck.save(h, {"wall_s": wall(), "config": checkpoint.config_json(config),
-                "pending": _pending_json(pending)}, force)
+          f"training diverged: non-finite parameters at step {int(host.step)}", int(host.step))
+    self.ck.save(host, {"wall_s": self.wall(), "config": checkpoint.config_json(self.run.config),
+                        "pending": _pending_json(self.pending)}, force)
 
-  def place(h: state_lib.TrainState) -> tuple[state_lib.TrainState, int]:
-    """(replicated state, diagonals it computes per step)."""
-    return state_lib.replicate(h, devices), state_lib.active_diagonals(h, run.k_start_fraction)
+  def stop(self, step: int, signum: int):
+    """Saves `step` if this run trained it, ends the reports and raises guard.Stopped."""
+    what = signals.name(signum)
+    if jax.process_count() > 1 and signum != signal.SIGTERM:  # a save needs every host
+      kept = self.ck.latest_step()
+      msg = (f"{what} at step {step}: a multi-host run saves only on SIGTERM (every host); the "
+             f"newest checkpoint is " + (f"step {kept}" if kept is not None else "none"))
+    elif step > self.start:
+      self._end_saved(state_lib.unreplicate(self.rstate))
+      self.rep.event(step, "preempted" if signum == signal.SIGTERM else "interrupted")
+      msg = f"{what}: saved step {step} to {self.ck.directory}; rerun the same command to resume"
+    elif self.resumed:
+      msg = (f"{what} before training further: step {step} is already saved in "
+             f"{self.ck.directory}; rerun the same command to resume")
+    else:
+      msg = f"{what} before the first step: nothing trained, nothing saved"
+    self.rep.close()
+    distributed.finish()
+    raise guard.Stopped(msg, signum)
 
-  rstate, active = place(host)
-  pending: list[dict] = carried  # per-step metrics since the last train record
-  batches = data.batches(run.source, config.batch_size, seed=config.seed, start_step=start,
-                         num_devices=len(devices), raw=True, prefetch=config.data.prefetch,
-                         workers=data.num_workers(config.data, run.source),
-                         num_steps=run.steps - start)
-  prep = _device_preprocess(run.source)
-  try:
-    with _Preemption() as stop, contextlib.closing(batches):
-      for step in range(start, run.steps):
-        if stop.reached(step):
-          save(state_lib.unreplicate(rstate), force=True)
-          ck.wait()
-          rep.event(step, "preempted")
-          rep.message(f"SIGTERM: saved step {step} to {ck.directory}; rerun to resume.")
-          rep.close()
-          distributed.finish()
-          return None
-        if state_lib.due(rstate, run.sched, step):
-          host = state_lib.advance(state_lib.unreplicate(rstate), run.sched, step)
-          if host.frozen:
-            rep.event(step, "freeze")
-          rstate, active = place(host)
-        rstate, metrics = p_train(rstate, prep(state_lib.shard(next(batches), devices)))
-        done = step + 1
-        rep.tick()
-        watch.add(done, metrics)
-        if config.log_every:
-          pending.append(metrics)
-          if done % config.log_every == 0 or done == run.steps:
-            watch.check()
-            rec = _train_record(run, pending, step, active, rstate.frozen, rep.steps_per_s(done))
-            rep.write(done, "train", rec, postfix=True)
-            pending = []
-            if lead and rstate.sparse and not rstate.frozen:
-              records.trace(workdir, done, rstate, float(run.sched.temperature(step)))
-        if config.eval_every and done % config.eval_every == 0 and done < run.steps:
-          watch.check()
-          ev = evaluate(p_eval, rstate, run.source, run.spec, config, devices)
-          guard.check_eval(ev, done)
-          rep.write(done, "eval", ev)
-        if done < run.steps and ck.should_save(done):
-          save(state_lib.unreplicate(rstate))
-    host = state_lib.unreplicate(rstate)
-    save(host, force=True)
-    ck.wait()
-  except guard.DivergenceError as e:
-    ck.wait()
-    rep.event(e.step or 0, "diverged", error=str(e))
-    rep.close()
-    raise _diverged(e, ck) from None
-  except BaseException:
-    rep.close()
-    raise
-  finally:
-    ck.close()
+  def _end_saved(self, host: state_lib.TrainState):
+    """Saves `host` and waits until it is on disk (later signals are only noted meanwhile)."""
+    self.save(host, force=True)
+    self.ck.wait()
 
-  if run.sched is not None and not host.frozen:  # freeze_fraction = 1: freeze at the end
-    host = state_lib.freeze(host, float(run.sched.temperature(run.steps)))
-  ev = evaluate(p_eval, state_lib.replicate(host, devices), run.source, run.spec, config, devices)
-  try:
-    guard.check_eval(ev, run.steps)
-  except guard.DivergenceError as e:
-    rep.close()
-    raise guard.DivergenceError(f"{e}; its checkpoint is kept in {ck.directory}") from None
-  if not rep.has(run.steps, "eval"):  # a rerun of a finished run evaluates, records once
-    rep.write(run.steps, "eval", ev)
-  summary = _summary(run, host, ev, wall(), start if latest is not None else None,
-                     p_train.num_compiled)
-  rep.close()
-  if lead:
-    records.write(workdir, run.model, host.variables, run.source, run.spec.kind,
-                  run.spec.dummy_input())
-    path = progress.write_summary(workdir, summary)
-    x0 = run.spec.dummy_input()
-    print(dd.summarize(run.model, host.variables, x0))
-    key = "perplexity" if run.spec.kind == "text" else "test_accuracy"
-    print(f"{key} {summary[key]:.4f}  sparsity {summary['sparsity']:.4f}  stored "
-          f"{summary['stored_params']:,} / dense {summary['dense_params']:,} params  "
-          f"{run.steps} steps  {summary['wall_s']:.1f} s  -> {path}", flush=True)
-  run.source.close()
-  distributed.finish()
-  return summary
+  def final_checkpoint(self):
+    """The last step's checkpoint, on disk before evaluation; a signal now stops after it."""
+    self.host = state_lib.unreplicate(self.rstate)
+    self._end_saved(self.host)
+    if signals.requested() is not None and jax.process_count() == 1:
+      self._stopped_at_end(signals.requested())
+
+  @contextlib.contextmanager
+  def reporting(self):
+    """Closes the reports on the way out of the loop; a divergence is recorded and reworded."""
+    try:
+      yield
+    except guard.DivergenceError as e:
+      self._diverged(e)
+    except BaseException:
+      self.rep.close()
+      raise
+
+  def _stopped_at_end(self, signum: int):
+    self.rep.event(self.run.steps, "preempted" if signum == signal.SIGTERM else "interrupted")
+    self.rep.close()
+    distributed.finish()
+    raise guard.Stopped(
+        f"{signals.name(signum)} after the last step: step {self.run.steps} is saved in "
+        f"{self.ck.directory}, summary.json is not written; rerun the same command to finish",
+        signum)
+
+  def _diverged(self, e: guard.DivergenceError):
+    """Records the divergence and raises its one-line error naming the last good checkpoint."""
+    try:
+      self.ck.wait()
+    except checkpoint.CheckpointError:
+      pass
+    self.rep.event(e.step or 0, "diverged", error=str(e))
+    self.rep.close()
+    raise _diverged(e, self.ck) from None
+
+  def finish(self) -> dict:
+    """The final evaluation, summary.json, the per-layer table and the summary line."""
+    run, host = self.run, self.host
+    if run.sched is not None and not host.frozen:  # freeze_fraction = 1: freeze at the end
+      host = state_lib.freeze(host, float(run.sched.temperature(run.steps)))
+    try:
+      ev = evaluate(self.p_eval, state_lib.replicate(host, run.devices), run.source, run.spec,
+                    run.config, run.devices, interruptible=True)
+      guard.check_eval(ev, run.steps)
+    except _EvalStopped:
+      self._stopped_at_end(signals.requested())
+    except guard.DivergenceError as e:
+      self.rep.close()
+      raise guard.DivergenceError(f"{e}; its checkpoint is kept in {self.ck.directory}") from None
+    if not self.rep.has(run.steps, "eval"):  # a rerun of a finished run evaluates, records once
+      self.rep.write(run.steps, "eval", ev)
+    if signals.requested() is not None and jax.process_count() == 1:
+      self._stopped_at_end(signals.requested())
+    summary = _summary(run, host, ev, self.wall(), self.start if self.resumed else None,
+                       self.p_train.num_compiled)
+    self.rep.close()
+    if self.lead:
+      _report(run, host, self.workdir, summary)
+    run.source.close()
+    distributed.finish()
+    return summary
+
+
+def _report(run: Run, host: state_lib.TrainState, workdir: str, summary: dict):
+  """Process 0's outputs of a finished run: records for the sweep, summary.json, the table."""
+  records.write(workdir, run.model, host.variables, run.source, run.spec.kind,
+                run.spec.dummy_input())
+  path = progress.write_summary(workdir, summary)
+  print(summarize(run, host), flush=True)
+  key = "perplexity" if run.spec.kind == "text" else "test_accuracy"
+  print(f"{key} {summary[key]:.4f}  sparsity {summary['sparsity']:.4f}  stored "
+        f"{summary['stored_params']:,} / dense {summary['dense_params']:,} params  "
+        f"{run.steps} steps  {summary['wall_s']:.1f} s  -> {path}", flush=True)
+
+
+def summarize(run: Run, host: state_lib.TrainState) -> str:
+  """The per-layer table of the final model (a mask method's layers at what their masks keep)."""
+  return dd.summarize(run.model, host.variables, run.spec.dummy_input(),
+                      masks_kept=_masks_kept(run, host))

@@ -29,12 +29,18 @@ def _clean(v: Any) -> Any:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """Every record of <workdir>/metrics.jsonl."""
+  """Every record of <workdir>/metrics.jsonl (a line torn by a kill or a full disk is skipped)."""
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return []
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        out.append(json.loads(line))
+      except ValueError:
+        continue
+  return [r for r in out if isinstance(r, dict)]
 
 
 def _kept(rec: Mapping[str, Any], start_step: int) -> bool:
@@ -64,7 +70,7 @@ class Reporter:
     self._n, self._want_bar = start_step, bar
     self._have: set[tuple[int, str]] = set()
     self.writer = None
-    self._file = None
+    self._file = self._path = None
     self._last = (start_step, time.perf_counter())
     if not active:
       return
@@ -75,6 +81,7 @@ class Reporter:
     with open(path + ".tmp", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in keep)
     os.replace(path + ".tmp", path)
+    self._path = path
     self._file = open(path, "a", buffering=1)
     import tensorboardX  # pylint: disable=g-import-not-at-top
     self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, TB_DIR),
@@ -105,7 +112,7 @@ class Reporter:
     if not self.active:
       return
     rec = {"step": int(step), "split": split, **{k: _clean(v) for k, v in metrics.items()}}
-    self._file.write(json.dumps(rec) + "\n")
+    self._append(rec)
     self._have.add((int(step), split))
     for k, v in metrics.items():
       if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -119,8 +126,21 @@ class Reporter:
   def event(self, step: int, event: str, **info):
     """A non-metric record (restore, freeze, preemption) in metrics.jsonl."""
     if self.active:
-      self._file.write(json.dumps({"step": int(step), "event": event,
-                                   **{k: _clean(v) for k, v in info.items()}}) + "\n")
+      self._append({"step": int(step), "event": event, **{k: _clean(v) for k, v in info.items()}})
+
+  def _append(self, rec: dict):
+    """One JSON line to metrics.jsonl, reopened first if the file was deleted or replaced."""
+    try:
+      same = os.path.samestat(os.fstat(self._file.fileno()), os.stat(self._path))
+    except OSError:
+      same = False
+    try:
+      if not same:
+        self._file.close()
+        self._file = open(self._path, "a", buffering=1)
+      self._file.write(json.dumps(rec) + "\n")
+    except OSError as e:  # disk full, read-only: name the file
+      raise OSError(e.errno, e.strerror, self._path) from None
 
   def message(self, text: str):
     """A line of text above the bar (or on stdout)."""
@@ -132,12 +152,14 @@ class Reporter:
       print(text, flush=True)
 
   def close(self):
-    if self.bar is not None:
-      self.bar.close()
-    if self.writer is not None:
-      self.writer.close()
-    if self._file is not None:
-      self._file.close()
+    """Closes the bar, TensorBoard and metrics.jsonl; never raises (it also runs on the way out of
+    a failed run, e.g. on a full disk, whose own error is the one to report)."""
+    for part in (self.bar, self.writer, self._file):
+      if part is not None:
+        try:
+          part.close()
+        except (OSError, ValueError):
+          pass
     self.bar = self.writer = self._file = None
     self._want_bar = False
 

@@ -4,7 +4,8 @@
     python -m dynadiag_jax.train.verify runs/mnist --step 20
 
 Prints the step, phase, parameter count and saved config; every leaf's crc32 is checked.
-A corrupt or incomplete checkpoint is one line on stderr and exit status 1.
+A corrupt or incomplete checkpoint is one line on stderr and exit status 1. It only reads:
+nothing is created, renamed or deleted, so it is safe beside a live run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 
 import numpy as np
+from absl import logging
 
 from dynadiag_jax.train import guard
 from dynadiag_jax.train.checkpoint import CheckpointError, load
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("directory", help="a train.py workdir or its checkpoints/ directory")
   ap.add_argument("--step", type=int, default=None, help="this step instead of the newest")
   args = ap.parse_args(argv)
+  logging.set_verbosity(logging.ERROR)  # orbax's notes on a read-only manager
   try:
     with guard.stderr_dropped_on_error():  # one line, not orbax's tracebacks
       text = describe(args.directory, args.step)
