@@ -248,3 +248,34 @@ def test_inside_the_callers_shard_map_is_the_plain_product(rng):
                             check_vma=False))
   assert _jaxpr(f, x, v).count("shard_map[") == 1
   chex.assert_trees_all_close(f(x, v), ops.diag_matmul(x, v, o, m, n, "xla"), **TOL)
+
+
+@pytest.mark.parametrize("kind", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+@pytest.mark.parametrize("traced", [False, True], ids=["static", "traced"])
+@pytest.mark.parametrize("backend", ["pallas", "xla"])
+def test_diag_matmul_with_fsdp_sharded_values(rng, backend, traced, kind):
+  """diag_matmul alone on a 2 x 2 mesh, values split along 'fsdp' (gathered for the
+  product), x along 'data': value and gradients (x, values) equal one device's."""
+  m, n, k = 32, 48, 5
+  o = random_offsets(rng, m, n, k)
+  x = jnp.asarray(rng.standard_normal((8, m)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((k, m)), jnp.float32)
+  mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(kind,) * 2)
+  cfg = ops.KernelConfig(interpret=True)
+
+  def loss(x, v, o_arg):
+    y = ops.diag_matmul(x, v, o_arg if traced else o, m, n, backend, cfg)
+    return jnp.mean(jnp.tanh(y) * jnp.arange(n) / n)
+
+  @jax.jit
+  def sharded(x, v, o_arg):
+    with sharding.use_mesh(mesh):
+      return jax.value_and_grad(loss, argnums=(0, 1))(x, v, o_arg)
+
+  want = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, v, jnp.asarray(o))
+  x_s = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+  v_s = jax.device_put(v, NamedSharding(mesh, P(None, "fsdp")))
+  assert _jaxpr(sharded, x_s, v_s, jnp.asarray(o)).count("shard_map[") == 2
+  got = sharded(x_s, v_s, jnp.asarray(o))
+  print(f"max |diff| {[float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]}")
+  chex.assert_trees_all_close(got, want, **TOL)
