@@ -113,7 +113,8 @@ def product(fn: Callable, x_BxM, v, o_K, geo, backend: str, cfg, static) -> Any:
                        **{_CHECK: False})
   args = (x_BxM, v, o_K)
   if _explicit(rule.mesh):  # sharding in types: move the operands to the specs first
-    args = tuple(jax.sharding.reshard(a, NamedSharding(rule.mesh, s)) for a, s in zip(args, specs))
+    args = tuple(jax.sharding.reshard(a, NamedSharding(rule.mesh, s))
+                 for a, s in zip(args, specs))
   return sharded(*args)
 
 

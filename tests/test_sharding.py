@@ -114,15 +114,19 @@ def test_sharded_step_equals_single_device(rng, mesh_name, backend, frozen):
 
   loss, grads, new_params, _ = got
   print(f"{mesh_name} {backend} {'frozen' if frozen else 'exploring'}: max |diff| loss "
-        f"{abs(float(loss) - float(want[0])):.2e}, grads "
-        f"{max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want[1]))):.2e}, "
-        f"params {max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(want[2]))):.2e}")
+        f"{_maxdiff(loss, want[0]):.2e}, grads {_maxdiff(grads, want[1]):.2e}, "
+        f"params {_maxdiff(new_params, want[2]):.2e}")
   chex.assert_trees_all_close(loss, want[0], **TOL)
   chex.assert_trees_all_close(grads, want[1], **TOL)
   chex.assert_trees_all_close(new_params, want[2], **TOL)
   # the params kept the FSDP rule's sharding through the step
   for a in jax.tree.leaves(new_params):
     assert a.sharding.is_equivalent_to(NamedSharding(mesh, fsdp_spec(a, mesh)), a.ndim)
+
+
+def _maxdiff(a, b) -> float:
+  """The largest |a - b| over two trees of the same structure."""
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def _jaxpr(f, *args) -> str:
@@ -277,5 +281,6 @@ def test_diag_matmul_with_fsdp_sharded_values(rng, backend, traced, kind):
   v_s = jax.device_put(v, NamedSharding(mesh, P(None, "fsdp")))
   assert _jaxpr(sharded, x_s, v_s, jnp.asarray(o)).count("shard_map[") == 2
   got = sharded(x_s, v_s, jnp.asarray(o))
-  print(f"max |diff| {[float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]}")
+  diffs = [_maxdiff(a, b) for a, b in zip((got[0], *got[1]), (want[0], *want[1]))]
+  print(f"max |diff| loss, dx, dvalues: {diffs}")
   chex.assert_trees_all_close(got, want, **TOL)
