@@ -27,7 +27,8 @@ is unchanged: the hook returns the plain product.
       ...
 
 `use_mesh` is read when `diag_matmul` is traced; `jax.jit` does not key its cache on it, so
-enter it inside the jitted function (as above) or around every call of it.
+enter it inside the jitted function (as above), or decorate that function with it (under
+`jax.jit`: `@jax.jit @dd.sharding.use_mesh(mesh) def step(...)`).
 """
 
 from __future__ import annotations

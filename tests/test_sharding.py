@@ -284,3 +284,22 @@ def test_diag_matmul_with_fsdp_sharded_values(rng, backend, traced, kind):
   diffs = [_maxdiff(a, b) for a, b in zip((got[0], *got[1]), (want[0], *want[1]))]
   print(f"max |diff| loss, dx, dvalues: {diffs}")
   chex.assert_trees_all_close(got, want, **TOL)
+
+
+def test_use_mesh_as_a_decorator_under_jit(rng):
+  """@jax.jit over @use_mesh(mesh): the context is entered while jit traces, so every trace
+  (the first included) sees it; no context is left behind."""
+  m, n, k = 32, 48, 5
+  o = random_offsets(rng, m, n, k)
+  x = jnp.asarray(rng.standard_normal((8, m)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((k, m)), jnp.float32)
+  mesh = jax.make_mesh((4, 1), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+
+  @jax.jit
+  @sharding.use_mesh(mesh)
+  def f(x, v):
+    return ops.diag_matmul(x, v, o, m, n, "xla")
+
+  assert _jaxpr(f, x, v).count("shard_map[") == 1
+  chex.assert_trees_all_close(f(x, v), ops.diag_matmul(x, v, o, m, n, "xla"), **TOL)
+  assert sharding.current() is None
