@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynadiag_jax import pattern
+from dynadiag_jax import pattern, sharding
 from dynadiag_jax.pattern import Geometry
 
 
@@ -203,5 +203,7 @@ def diag_matmul(x, values, offsets, m: int, n: int, backend: str = "auto",
     o_K, static = jnp.zeros((0,), jnp.int32), StaticOffsets(offsets)
   else:
     o_K, static = jnp.asarray(offsets, jnp.int32), None
-  y_BxN = _diag_matmul(x.reshape(-1, m), values, o_K, geo, be.name, cfg, static)
+  # per shard of a mesh set by `dynadiag_jax.sharding.use_mesh`, else the plain product
+  y_BxN = sharding.product(_diag_matmul, x.reshape(-1, m), values, o_K, geo, be.name, cfg,
+                           static)
   return y_BxN.reshape(*lead, n)

@@ -157,6 +157,52 @@ def _train_step(dtype: str, frozen: bool):
   return step, (shapes(params), shapes(opt_state), shapes(extra), x_sds, y_sds)
 
 
+def _mesh_devices(n: int = 2):
+  """n compile-only H100s in one process (topology 1 slice x 1 host x n devices)."""
+  from pathlib import Path
+  from jax.experimental import topologies
+  from pallas_kernels import aot
+  topo = topologies.get_topology_desc("", "cuda", topology=f"1x1x{n}",
+                                      target_config=Path(aot.H100).read_text())
+  return topo.devices
+
+
+def _sharded_train_step(frozen: bool):
+  """`_train_step` (float32) over a 2-device ('data', 'fsdp') = (2, 1) mesh, the batch split
+  along 'data', the pallas products per shard (`dynadiag_jax.sharding.use_mesh`)."""
+  import jax
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  import dynadiag_jax as dd
+  f, args = _train_step("float32", frozen)
+  mesh = Mesh(np.array(_mesh_devices(2)).reshape(2, 1), ("data", "fsdp"))
+
+  def step(*a):
+    with dd.sharding.use_mesh(mesh, ("data",)):
+      return f(*a)
+
+  rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  put = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  *state, x, y = args
+  args = (*jax.tree.map(lambda a: put(a, rep), tuple(state)), put(x, batch), put(y, batch))
+  return step, args
+
+
+def _compile_sharded(f, *args, device=None):
+  """aot.compile_kernels for args that carry their own (multi-device) shardings."""
+  import shutil
+  import tempfile
+  import jax
+  from pallas_kernels import aot, compat
+  tmp = tempfile.mkdtemp(prefix="aot_dump_")
+  try:
+    with compat.cuda_lowering(compat.H100_KIND):
+      lowered = jax.jit(f).trace(*args).lower()
+    lowered.compile(compiler_options={"xla_dump_to": tmp})
+    return aot.read_dump(tmp)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _over_smem(bypass: bool):
   """256 x 256 f32 blocks, batch tile 16: over 227 KiB of shared memory even unpipelined.
 
@@ -204,6 +250,10 @@ def cases() -> list[Case]:
       out.append(Case(f"train_step/{phase}/{dtype}",
                       functools.partial(_train_step, dtype, phase == "frozen"), KINDS,
                       meta=dict(phase=phase, dtype=dtype)))
+  for phase in ("exploring", "frozen"):
+    out.append(Case(f"sharded/train_step/{phase}",
+                    functools.partial(_sharded_train_step, phase == "frozen"), KINDS,
+                    meta=dict(phase=phase, dtype="float32", devices=2)))
   out.append(Case("negative/xla", functools.partial(_over_smem, True), refused_by="xla"))
   return out
 
@@ -230,7 +280,8 @@ def run_case(case: Case, device) -> dict[str, Any]:
   try:
     f, args = case.build()
     res["stage"] = "compile"
-    reps = [k.as_dict() for k in aot.compile_kernels(f, *args, device=device)]
+    compile_ = _compile_sharded if case.meta.get("devices") else aot.compile_kernels
+    reps = [k.as_dict() for k in compile_(f, *args, device=device)]
     for r in reps:
       r["tile"] = _tile_of(case, r["grid"])
     res.update(kernels=reps, ok=True, stage="done")
