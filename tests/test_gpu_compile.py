@@ -114,6 +114,23 @@ def test_train_step_compiles(results, phase, dtype):
       ["bcsr_spmm", "bcsr_spmm", "bcsr_sddmm", "bcsr_sddmm", "bcsr_spmm_t"])
 
 
+@pytest.mark.parametrize("phase", ["exploring", "frozen"])
+def test_sharded_train_step_compiles_per_shard(results, phase):
+  """The pallas train step over a 2-device mesh of compile-only H100s (dd.sharding.use_mesh):
+  every kernel compiles for the rows of one shard, with tensor-core MMAs and no spills."""
+  res = results[f"sharded/train_step/{phase}"]
+  assert res["ok"], res["error"]
+  ks = res["kernels"]
+  # as the unsharded train step: two forwards, two SDDMMs, one dx
+  assert sorted(k["name"] for k in ks) == sorted(
+      ["bcsr_spmm", "bcsr_spmm", "bcsr_sddmm", "bcsr_sddmm", "bcsr_spmm_t"]), ks
+  for k in ks:
+    assert k["spill_bytes"] in (0, None) and "mma" in k["mma"], k
+  # the forward / dx kernels tile the 8 * 17 / 2 = 68 rows of one shard: 2 programs of 64
+  # (the whole batch, 136 rows, takes 3)
+  assert all(k["grid"][0] == 2 for k in ks if k["name"] != "bcsr_sddmm"), ks
+
+
 def test_train_step_frozen_uses_exact_layouts(results):
   """Frozen (offsets closed over): exact host layouts, never more SDDMM programs than the
   bounded jittable layout of exploration, and fewer for the block-diagonal layer (K of its

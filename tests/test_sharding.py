@@ -185,54 +185,6 @@ def test_use_mesh_checks_its_axes():
   assert sharding.current() is None
 
 
-def test_sharded_train_step_compiles_for_h100(tmp_path):
-  """The pallas train step over a 2-device mesh of compile-only H100s (the cases
-  'sharded/train_step/*' of tests/gpu_compile_suite.py, run in its CUDA-plugin venv, as
-  tests/test_gpu_compile.py does): every kernel compiles for the rows of one shard, with
-  tensor-core MMAs and no spills. Skipped where the plugin cannot be installed (as there)."""
-  import json
-  import os
-  import subprocess
-  import sys
-  from pathlib import Path
-
-  from tests import gpu_compile_env
-  mode = os.environ.get("DYNADIAG_GPU_COMPILE", "")
-  mode = mode or ("require" if os.environ.get("CI", "").lower() == "true" else "")
-  if mode == "skip":
-    pytest.skip("DYNADIAG_GPU_COMPILE=skip")
-  try:
-    py = gpu_compile_env.ensure()
-  except RuntimeError as e:
-    if mode == "require":
-      pytest.fail(f"the CUDA compile plugin is required here but cannot be installed:\n{e}")
-    pytest.skip(f"the CUDA compile plugin cannot be installed here: {e}")
-  root = Path(__file__).resolve().parents[1]
-  out = tmp_path / "results.json"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1",
-             PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
-             TF_CPP_MIN_LOG_LEVEL="3")
-  env.pop("XLA_FLAGS", None)  # no forced CPU devices in the compile process
-  r = subprocess.run([str(py), "-m", "tests.gpu_compile_suite", "--out", str(out), "--only",
-                      "sharded/"], cwd=root, env=env, capture_output=True, text=True,
-                     timeout=1200)
-  sys.stderr.write(r.stderr[-4000:])
-  assert r.returncode == 0 and out.exists(), r.stderr[-4000:]
-  results = {c["id"]: c for c in json.loads(out.read_text())}
-  assert set(results) == {"sharded/train_step/exploring", "sharded/train_step/frozen"}
-  for cid, res in results.items():
-    assert res["ok"], f"{cid} did not compile:\n{res['error']}"
-    ks = res["kernels"]
-    # as the unsharded train step: two forwards, two SDDMMs, one dx
-    assert sorted(k["name"] for k in ks) == sorted(
-        ["bcsr_spmm", "bcsr_spmm", "bcsr_sddmm", "bcsr_sddmm", "bcsr_spmm_t"]), (cid, ks)
-    for k in ks:
-      assert k["spill_bytes"] in (0, None) and "mma" in k["mma"], (cid, k)
-    # the forward / dx kernels tile the 8 * 17 / 2 = 68 rows of one shard: 2 programs of 64
-    # (the whole batch, 136 rows, takes 3)
-    assert all(k["grid"][0] == 2 for k in ks if k["name"] != "bcsr_sddmm"), (cid, ks)
-
-
 def test_inside_the_callers_shard_map_is_the_plain_product(rng):
   """Called inside the user's own shard_map over the batch axes, the product is already
   per shard: no second shard_map, and the result is the per-shard product."""
