@@ -10,7 +10,6 @@ does not allow one.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynadiag_jax import ops, pattern
+from dynadiag_jax import ops
 from dynadiag_jax.backends.auto import b1_windows, few_rows
 from dynadiag_jax.pattern import Geometry
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import faulthandler
 import os
 import secrets
-import sys
 import threading
 import time
 from typing import Any
