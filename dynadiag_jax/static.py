@@ -82,16 +82,20 @@ def static(collection: Any) -> Any:
   return _map_named(collection, lambda v: v if isinstance(v, StaticArray) else StaticArray(v))
 
 
+def _plain(v: Any) -> Any:
+  """`v` as a plain numpy array when it is a `StaticArray`, else unchanged."""
+  return np.array(v.value) if isinstance(v, StaticArray) else v
+
+
 def arrays(collection: Any) -> Any:
   """A `dynadiag` collection with every `StaticArray` a plain numpy array again."""
-  return _map_named(collection, lambda v: np.array(v.value) if isinstance(v, StaticArray) else v)
+  return _map_named(collection, _plain)
 
 
 def savable(tree: Any) -> Any:
   """`tree` (a model's variables, an `nnx.State`, any pytree) with every `StaticArray` a
   plain numpy array: what a checkpointer (orbax) can write; a `StaticArray` has no leaves."""
-  return jax.tree.map(lambda v: np.array(v.value) if isinstance(v, StaticArray) else v, tree,
-                      is_leaf=lambda v: isinstance(v, StaticArray))
+  return jax.tree.map(_plain, tree, is_leaf=lambda v: isinstance(v, StaticArray))
 
 
 def restored(variables: Mapping[str, Any]) -> dict:

@@ -26,15 +26,15 @@ def rng(request) -> np.random.Generator:
 
 
 @pytest.fixture
-def concrete_offsets(monkeypatch) -> list[bool]:
-  """Whether each later dd.ops.diag_matmul call saw its offsets concrete (an exact layout) or
-  traced (a bounded one), in call order."""
+def diag_calls(monkeypatch) -> list[tuple[bool, int]]:
+  """(offsets concrete, i.e. an exact layout, not a traced bounded one; K computed) of each
+  later dd.ops.diag_matmul call, in call order."""
   import dynadiag_jax as dd  # pylint: disable=import-outside-toplevel
-  seen: list[bool] = []
+  seen: list[tuple[bool, int]] = []
   real = dd.ops.diag_matmul
 
   def spy(x, v, o_K, *args, **kw):
-    seen.append(dd.pattern.is_concrete(o_K))
+    seen.append((dd.pattern.is_concrete(o_K), int(v.shape[0])))
     return real(x, v, o_K, *args, **kw)
 
   monkeypatch.setattr(dd.ops, "diag_matmul", spy)

@@ -18,16 +18,17 @@ def readme_loop() -> str:
   return loops[0]
 
 
-def test_the_readme_loop_runs_and_its_frozen_step_has_exact_layouts(concrete_offsets, capsys):
+def test_the_readme_loop_runs_and_its_frozen_step_has_exact_layouts(diag_calls, capsys):
   code = readme_loop()
   assert "dd.recipe.DEFAULT, 300" in code
   code = code.replace("dd.recipe.DEFAULT, 300", "dd.recipe.DEFAULT, 12")  # a short run
-  seen = concrete_offsets
+  calls = diag_calls
   scope: dict = {}
   exec(compile(code, "README.md", "exec"), scope)  # pylint: disable=exec-used
   assert not dd.exploring_layers(scope["variables"])  # it froze
   # exploring calls trace their top-K offsets; from the frozen train step on (its trace,
   # then the summary's probe) every call must see them concrete
+  seen = [concrete for concrete, _ in calls]
   assert seen.count(True) >= 2 and False not in seen[seen.index(True):], (
       f"the frozen train step traced its offsets (bounded layouts): {seen}")
   assert "frozen" in capsys.readouterr().out  # the summary it prints shows frozen layers

@@ -45,19 +45,7 @@ def digits(rng: np.random.Generator):
   return x[perm[:1400]], y[perm[:1400]], x[perm[1400:]], y[perm[1400:]]
 
 
-def spy_offsets(monkeypatch) -> list[tuple[bool, int]]:
-  """(offsets concrete?, K computed) of every dd.ops.diag_matmul call traced from now on."""
-  seen, real = [], dd.ops.diag_matmul
-
-  def spy(x, v, o_K, *args, **kw):
-    seen.append((dd.pattern.is_concrete(o_K), int(v.shape[0])))
-    return real(x, v, o_K, *args, **kw)
-
-  monkeypatch.setattr(dd.ops, "diag_matmul", spy)
-  return seen
-
-
-def test_an_unmodified_linen_cnn_trains_through_exploration_and_freeze(monkeypatch, rng):
+def test_an_unmodified_linen_cnn_trains_through_exploration_and_freeze(diag_calls, monkeypatch, rng):
   """The README loop on a sparsified model: phase reaches the layers, the freeze keeps the
   function, the frozen step runs concrete offsets, the accuracy is that of a trained model."""
   x_tr, y_tr, x_te, y_te = digits(rng)
@@ -86,7 +74,7 @@ def test_an_unmodified_linen_cnn_trains_through_exploration_and_freeze(monkeypat
     updates, opt_state = tx.update(grads, opt_state, variables["params"])
     return {**variables, "params": optax.apply_updates(variables["params"], updates)}, opt_state, loss
 
-  seen = spy_offsets(monkeypatch)
+  seen = diag_calls
   order = np.concatenate([rng.permutation(len(x_tr)) for _ in range(total * 64 // len(x_tr) + 1)])
   for i in range(total + 1):
     if i == sched.freeze_step:
@@ -136,7 +124,7 @@ def test_a_sparsified_dense_is_the_diag_dense_it_stands_for(rng):
   chex.assert_trees_all_equal(sp.apply(frozen, x), Theirs().apply(frozen, x))
 
 
-def test_the_phase_reaches_layers_in_nested_shared_and_rematted_modules(monkeypatch, rng):
+def test_the_phase_reaches_layers_in_nested_shared_and_rematted_modules(diag_calls, monkeypatch, rng):
   class Shared(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -155,7 +143,7 @@ def test_the_phase_reaches_layers_in_nested_shared_and_rematted_modules(monkeypa
   assert dd.exploring_layers(v) == [("body", "Dense_0")]
   with pytest.raises(dd.PhaseError, match="'body/Dense_0' is exploring"):
     sp.apply(v, x)
-  seen = spy_offsets(monkeypatch)
+  seen = diag_calls
   k, p = 4, 16
   for level, want in ((0.5, k + round(0.5 * (p - k))), (0.0, k)):
     seen.clear()
