@@ -22,7 +22,9 @@ class LayerFactory:
   Models name linear layers by role ('mlp_in', 'attn_out', 'head', ...) so that one
   name covers the same-shaped layer of every block. `block` is an upper bound: each
   DiagDense takes the largest block size up to it that divides its kernel. `recipe` is
-  every DiagDense's (`dynadiag_jax.recipe`). Settings are checked when the factory is built.
+  every DiagDense's (`dynadiag_jax.recipe`). `fuse_mlp`: models run an MLP whose two layers
+  are frozen block-diagonal `xla` layers as one fused op (`dynadiag_jax.mlp_block`); False
+  keeps the two plain calls. Settings are checked when the factory is built.
   """
   sparsity: tuple[tuple[str, float], ...] = ()
   backend: str = "auto"
@@ -31,6 +33,7 @@ class LayerFactory:
   block: int = 1
   kernel_config: KernelConfig = KernelConfig()
   recipe: Recipe = recipe_lib.DEFAULT
+  fuse_mlp: bool = True
 
   def __post_init__(self):
     if not isinstance(self.sparsity, tuple):

@@ -11,6 +11,7 @@ import numpy as np
 
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.layers import factory_for
+from dynadiag_jax.mlp_block import sparse_mlp
 from dynadiag_jax.models.attention import SelfAttention
 
 # size -> (num_layers, width, num_heads, context).
@@ -43,8 +44,9 @@ class Block(nn.Module):
                       dtype=self.dtype, name="attn")(y, train)
     x_BxTxD = x_BxTxD + drop(y)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name="ln_2")(x_BxTxD)
-    y = nn.gelu(self.linear("mlp_in", 4 * d, kernel_init=init)(y))
-    return x_BxTxD + drop(self.linear("mlp_out", d, kernel_init=proj_init)(y))
+    fc_in = self.linear("mlp_in", 4 * d, kernel_init=init)
+    fc_out = self.linear("mlp_out", d, kernel_init=proj_init)
+    return x_BxTxD + drop(sparse_mlp(fc_in, fc_out, y, nn.gelu, fuse=self.linear.fuse_mlp))
 
 
 class GPT2(nn.Module):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.layers import factory_for
+from dynadiag_jax.mlp_block import sparse_mlp
 
 # variant -> (hidden, depth, token_mlp_dim, channel_mlp_dim).
 VARIANTS: dict[str, tuple[int, int, int, int]] = {
@@ -29,13 +30,16 @@ class MixerBlock(nn.Module):
   def __call__(self, x_BxSxC: jax.Array, train: bool = False) -> jax.Array:
     s, c = x_BxSxC.shape[1:]
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    between = drop if train and self.dropout > 0 else None  # else the identity
+    mlp = lambda a, b, y: sparse_mlp(a, b, y, nn.gelu, between, fuse=self.linear.fuse_mlp)
     y_BxCxS = jnp.swapaxes(nn.LayerNorm(dtype=self.dtype, name="ln_1")(x_BxSxC), 1, 2)
-    y_BxCxS = drop(nn.gelu(self.linear("token_mlp_in", self.token_mlp_dim)(y_BxCxS)))
-    y_BxCxS = self.linear("token_mlp_out", s)(y_BxCxS)
+    y_BxCxS = mlp(self.linear("token_mlp_in", self.token_mlp_dim), self.linear("token_mlp_out", s),
+                  y_BxCxS)
     x_BxSxC = x_BxSxC + drop(jnp.swapaxes(y_BxCxS, 1, 2))
     y_BxSxC = nn.LayerNorm(dtype=self.dtype, name="ln_2")(x_BxSxC)
-    y_BxSxC = drop(nn.gelu(self.linear("channel_mlp_in", self.channel_mlp_dim)(y_BxSxC)))
-    return x_BxSxC + drop(self.linear("channel_mlp_out", c)(y_BxSxC))
+    y_BxSxC = mlp(self.linear("channel_mlp_in", self.channel_mlp_dim),
+                  self.linear("channel_mlp_out", c), y_BxSxC)
+    return x_BxSxC + drop(y_BxSxC)
 
 
 class Mixer(nn.Module):

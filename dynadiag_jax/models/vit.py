@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.layers import factory_for
+from dynadiag_jax.mlp_block import sparse_mlp
 from dynadiag_jax.models.attention import SelfAttention, fused_xavier_uniform
 
 # variant -> (width, depth, num_heads); mlp_dim = 4 * width.
@@ -41,8 +42,10 @@ class EncoderBlock(nn.Module):
                       name="attn")(y, train)
     x_BxTxD = x_BxTxD + drop(y)
     y = nn.LayerNorm(dtype=self.dtype, name="ln_2")(x_BxTxD)
-    y = drop(nn.gelu(self.linear("mlp_in", self.mlp_dim, kernel_init=xavier)(y)))
-    y = drop(self.linear("mlp_out", d, kernel_init=xavier)(y))
+    fc_in = self.linear("mlp_in", self.mlp_dim, kernel_init=xavier)
+    fc_out = self.linear("mlp_out", d, kernel_init=xavier)
+    between = drop if train and self.dropout > 0 else None  # else the identity
+    y = drop(sparse_mlp(fc_in, fc_out, y, nn.gelu, between, fuse=self.linear.fuse_mlp))
     return x_BxTxD + y
 
 
