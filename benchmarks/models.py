@@ -10,7 +10,8 @@ at the given sparsity and block (each layer the largest valid block up to it), b
 medians: inference images/s (jitted forward, train=False) and train steps/s (loss, grads,
 AdamW update) for the dense ViT, the sparse ViT while exploring (K_active = K, offsets
 traced from alpha) and after the freeze (offsets closed over as constants, as the training
-loop does).
+loop does), the frozen one also with its MLPs unfused (`LayerFactory(fuse_mlp=False)`: two
+plain layer calls instead of `dynadiag_jax.mlp_block`'s fused op).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def build(variant: str, depth: int | None, sparsity: float, block: int, image: i
   dense = ViT(variant, depth=depth, num_classes=1000)
   fac = LayerFactory.from_dict({n: sparsity for n in LINEARS}, block=block, backend="auto")
   sparse = ViT(variant, depth=depth, num_classes=1000, linear=fac)
+  unfused = ViT(variant, depth=depth, num_classes=1000, linear=fac.replace(fuse_mlp=False))
   vd = dense.init(key, x[:1])
   ve = sparse.init(key, x[:1])
   p_e, r_e = _split(ve)
@@ -86,7 +88,8 @@ def build(variant: str, depth: int | None, sparsity: float, block: int, image: i
   out = {}
   exploring = dd.with_phase(sparse, level=0.0)
   for name, model, v, closed in (("dense", dense, vd, False), ("exploring", exploring, ve, False),
-                                 ("frozen", sparse, vf, True)):
+                                 ("frozen", sparse, vf, True),
+                                 ("frozen unfused", unfused, vf, True)):
     p, rest = _split(v)
     if name != "exploring":
       out[f"infer {name}"] = ("infer", _infer(model, rest, closed), [p, x])
@@ -195,7 +198,7 @@ def main(argv=None) -> None:
         f"mlp_in / mlp_out, block {args.block}, backend auto, median of {repeats} interleaved rounds\n")
   print("| model | inference images/s | vs dense | train steps/s | vs dense |")
   print("|---|---|---|---|---|")
-  for name in ("dense", "exploring", "frozen"):
+  for name in ("dense", "exploring", "frozen", "frozen unfused"):
     inf = med.get(f"infer {name}")
     tr = med[f"train {name}"]
     i_cell = (f"{batch / inf:.2f} | {med['infer dense'] / inf:.2f}x" if inf is not None

@@ -7,13 +7,16 @@ with one block size b > 1, static offsets and the `xla` backend (named, or what 
 for both on this platform, rows and K), the MLP runs as one `backends.fused_mlp` op whose
 hidden activation stays block-leading; otherwise (exploring, block 1, `nn.Dense`, another
 backend, traced offsets, a layer with an input permutation, active dropout between the two)
-it is the two plain layer calls.
+it is the two plain layer calls, as it is inside `unfused()` (which `dd.linear_calls`
+enters, so summaries see both layers) and with `LayerFactory(fuse_mlp=False)`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -22,6 +25,20 @@ import numpy as np
 from dynadiag_jax import ops, pattern, sharding
 from dynadiag_jax.diag_dense import COLLECTION, DiagDense
 from dynadiag_jax.pattern import Geometry
+
+
+_UNFUSED = contextvars.ContextVar("dynadiag_unfused_mlp", default=False)
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+  """Within this context (read at trace time) every `sparse_mlp` makes the two plain layer
+  calls: `dd.linear_calls` (and so `dd.summarize`) sees each layer's `__call__`."""
+  token = _UNFUSED.set(True)
+  try:
+    yield
+  finally:
+    _UNFUSED.reset(token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +109,7 @@ def sparse_mlp(fc_in: nn.Module, fc_out: nn.Module, x: jax.Array,
   caller passes None when it is the identity, else the pair is not fused. `fuse=False`
   always takes the plain path (the reference the tests compare against).
   """
-  pair = fusable(fc_in, fc_out, x) if fuse and between is None else None
+  pair = fusable(fc_in, fc_out, x) if fuse and between is None and not _UNFUSED.get() else None
   if pair is None:
     h = activation(fc_in(x))
     return fc_out(h if between is None else between(h))

@@ -9,7 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from dynadiag_jax import pattern, schedules
+from dynadiag_jax import mlp_block, pattern, schedules
 from dynadiag_jax.diag_dense import COLLECTION, DiagDense
 
 
@@ -84,7 +84,7 @@ def linear_calls(model: nn.Module, variables: Any | None, *inputs, method=None,
         return fn(*args)
     return traced
 
-  with nn.intercept_methods(intercept):
+  with mlp_block.unfused(), nn.intercept_methods(intercept):  # each layer's own call
     if variables is None:
       jax.eval_shape(run(lambda: model.init(jax.random.PRNGKey(0), *inputs, method=method,
                                             **kwargs)))

@@ -113,6 +113,23 @@ def test_matches_two_layers_dense_and_float64(m, h, n, b, k1, k2, rows, rng):
                                 **_TOL)
 
 
+def test_pruned_diagonals_and_constant_hidden_blocks(rng):
+  """H = 8 blocks: layer 1 writes 0, 1 (diagonal 0) and 4, 5 (diagonal 1, never read: left
+  out); layer 2 reads 1, 2 (diagonal 0: block 1 live, block 2 constant act(b1)) and 6, 7
+  (diagonal 1, all constant: left out, its products one vector)."""
+  g1, g2 = Geometry(32, 128, 16), Geometry(128, 32, 16)
+  o1, o2 = np.array([0, 4], np.int32), np.array([1, 6], np.int32)
+  f = lambda *s: rng.normal(size=s).astype(np.float32) / 4
+  x, c = f(5, 32), f(5, 32)
+  l1, l2 = (f(2, 2, 16, 16), o1, f(128)), (f(2, 2, 16, 16), o2, f(32))
+  fused = lambda x, v1, b1, v2, b2: fused_mlp.fused_mlp(x, v1, o1, b1, v2, o2, b2, g1, g2)
+  got = _grads(fused, x, c, l1, l2)
+  ref64 = _np_ref(x, c, l1, l2, (g1, g2))
+  chex.assert_trees_all_close(got, tuple(r.astype(np.float32) for r in ref64), **_TOL)
+  assert np.abs(ref64[3][32:48]).max() > 0  # db1 of the constant block 2
+  chex.assert_trees_all_equal(got[2][1], jnp.zeros_like(got[2][1]))  # dv1 of diagonal 1
+
+
 def test_leading_axes_no_bias_and_disjoint_layers(rng):
   """(B, T, m) inputs; biases None; layers that never meet give dx = dv1 = 0 (no NaN)."""
   g1, g2 = Geometry(32, 128, 16), Geometry(128, 32, 16)  # H = 8 hidden blocks
@@ -241,6 +258,10 @@ def test_vit_fused_matches_plain_and_keeps_the_tree(rng, fused_calls):
   want = _logits_and_grads(_vit(False), fz, x)
   assert len(fused_calls) == 1
   chex.assert_trees_all_equal_structs(got, want)
+  calls = {c.name: c for c in dd.linear_calls(_vit(True), fz, x)}  # summaries see both layers
+  assert calls["mlp_in"].frozen and calls["mlp_out"].k == fz["params"]["block_0"]["mlp_out"][
+      "values"].shape[0]
+  assert len(fused_calls) == 1
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):  # float32 sums of large terms
     chex.assert_trees_all_close(a, b, rtol=1e-4, atol=2e-5 * float(np.abs(b).max()) + 1e-6)
 

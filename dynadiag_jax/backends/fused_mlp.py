@@ -50,6 +50,7 @@ class Plan:
   activation: Callable
   precision_in: Any = None
   precision_out: Any = None
+  live: tuple[int, ...] = ()  # hidden blocks layer 1 writes and layer 2 reads
 
   def __post_init__(self):
     gi, go = self.geo_in, self.geo_out
@@ -154,9 +155,11 @@ def _pre_blocks(z1, b1_H, plan: Plan) -> Callable[[int], jax.Array]:
 
 
 def _a2(z1, b1_H, plan: Plan, dtype) -> jax.Array:
-  """Layer 2's operand, act(pre) of the hidden blocks it reads, in one fusion."""
+  """Layer 2's operand, act(pre) of the live hidden blocks it reads (others 0), one fusion."""
   pre = _pre_blocks(z1, b1_H, plan)
-  g = lambda j: plan.activation(pre(j)).astype(dtype)
+  zero = jnp.zeros((z1.shape[1], plan.geo_in.block), dtype)
+  live = frozenset(plan.live)
+  g = lambda j: plan.activation(pre(j)).astype(dtype) if j in live else zero
   if _tall(plan.geo_out):
     return _gathered(g, _pairs(plan.geo_out, plan.o_out))
   return jnp.stack([g(j) for j in range(plan.hidden)])
@@ -200,6 +203,7 @@ def _dh_blocks(dy_BxN, a2, v2, plan: Plan):
   """(dh(j) -> (B, b) float32 or None for hidden blocks layer 2 does not read, dW2)."""
   geo, b, prec = plan.geo_out, plan.geo_out.block, plan.precision_out
   k = v2.shape[0]
+  live = frozenset(plan.live)
   if _tall(geo):  # y_t = A2[t] @ W2[t]: dA2[t] = dy_t @ W2[t].T, dW2[t] = A2[t].T @ dy_t
     dyt = xla.to_blocks(dy_BxN, b)
     da2 = jnp.einsum("tzd,tqd->tzq", dyt, _w_short(v2).astype(dyt.dtype), precision=prec,
@@ -210,7 +214,7 @@ def _dh_blocks(dy_BxN, a2, v2, plan: Plan):
 
     def dh(j: int):
       pieces = [_piece(da2, t, kk, b) for t, kk in land[j]]
-      return sum(pieces[1:], pieces[0]) if pieces else None
+      return sum(pieces[1:], pieces[0]) if pieces and j in live else None
 
     return dh, dv2
   # wide: Z2[t] = A2[t] @ W2[t], y_c = sum of pieces: dZ2[t] gathers dy's blocks
@@ -219,7 +223,7 @@ def _dh_blocks(dy_BxN, a2, v2, plan: Plan):
                    preferred_element_type=_F32)
   dv2 = _dv_wide(jnp.einsum("tzc,tzq->tcq", a2, dz2.astype(a2.dtype), precision=prec,
                             preferred_element_type=_F32), k)
-  return (lambda j: da2[j]), dv2
+  return (lambda j: da2[j] if j in live else None), dv2
 
 
 def _fused_bwd(plan: Plan, res, dy_BxN):
@@ -260,6 +264,31 @@ def _fused_bwd(plan: Plan, res, dy_BxN):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
+def _blocks(geo: Geometry, o_K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(input block, output block) of entry t of each diagonal k, both (K, D)."""
+  t_D = np.arange(geo.D)
+  long_KxD = (o_K[:, None] + t_D[None, :]) % geo.P
+  short_KxD = np.broadcast_to(t_D, long_KxD.shape)
+  return (long_KxD, short_KxD) if _tall(geo) else (short_KxD, long_KxD)
+
+
+def _constant_term(b1, v2, plan_act: Callable, geo_in: Geometry, geo_out: Geometry,
+                   o2: np.ndarray, written: np.ndarray):
+  """(n,): what layer 2 makes of the hidden blocks it reads that layer 1 never writes: there
+  the hidden activation is act(b1_j) on every row, so its products are one vector (plain
+  autodiff gives its gradients to b1 and v2), or None when there is none."""
+  rin, rout = _blocks(geo_out, o2)
+  const_KxD = ~written[rin]
+  if not const_KxD.any():
+    return None
+  b = geo_in.block
+  k_E, t_E = np.nonzero(const_KxD)
+  bias = jnp.zeros((geo_in.n,), _F32) if b1 is None else b1.astype(_F32)
+  g_ExB = plan_act(bias.reshape(geo_in.N, b))[rin[k_E, t_E]]
+  y_E = jnp.einsum("ec,ecd->ed", g_ExB, v2[k_E, t_E].astype(_F32))
+  return jnp.zeros((geo_out.N, b), _F32).at[rout[k_E, t_E]].add(y_E).reshape(-1)
+
+
 def fused_mlp(x, v_in, o_in, bias_in, v_out, o_out, bias_out, geo_in: Geometry,
               geo_out: Geometry, activation: Callable = jax.nn.gelu, precision_in: Any = None,
               precision_out: Any = None) -> jax.Array:
@@ -268,17 +297,38 @@ def fused_mlp(x, v_in, o_in, bias_in, v_out, o_out, bias_out, geo_in: Geometry,
   values (K, D, b, b) with one b > 1 for both layers; offsets concrete (numpy or
   `StaticArray`); biases may be None. `activation` is elementwise (its VJP is taken with
   `jax.vjp`; `jax.nn.gelu` is flax's `nn.gelu`, approximate=True). Rows are any leading shape.
+  Only hidden blocks that layer 1 writes and layer 2 reads ("live") go through the fused
+  products: diagonals touching no live block are left out, and hidden blocks layer 2 reads
+  but layer 1 never writes (act(bias) on every row) add one constant vector to y.
   """
-  plan = Plan(geo_in, geo_out, xla.Frozen(np.asarray(o_in)), xla.Frozen(np.asarray(o_out)),
-              activation, precision_in, precision_out)
-  for name, v, geo, o in (("v_in", v_in, geo_in, plan.o_in), ("v_out", v_out, geo_out, plan.o_out)):
-    if tuple(v.shape) != geo.values_shape(o.o_K.shape[0]):
+  o1, o2 = np.asarray(o_in, np.int32).reshape(-1), np.asarray(o_out, np.int32).reshape(-1)
+  Plan(geo_in, geo_out, xla.Frozen(o1), xla.Frozen(o2), activation)  # checks the geometries
+  for name, v, geo, o in (("v_in", v_in, geo_in, o1), ("v_out", v_out, geo_out, o2)):
+    if tuple(v.shape) != geo.values_shape(o.shape[0]):
       raise ValueError(f"fused_mlp: {name} has shape {tuple(v.shape)}, its {geo} with "
-                       f"{o.o_K.shape[0]} offsets needs {geo.values_shape(o.o_K.shape[0])}")
-    if o.o_K.size and (o.o_K.min() < 0 or o.o_K.max() >= geo.P):
-      raise ValueError(f"fused_mlp: offsets of {name} must lie in [0, {geo.P}), got {o.o_K}")
+                       f"{o.shape[0]} offsets needs {geo.values_shape(o.shape[0])}")
+    if o.size and (o.min() < 0 or o.max() >= geo.P):
+      raise ValueError(f"fused_mlp: offsets of {name} must lie in [0, {geo.P}), got {o}")
   if x.shape[-1] != geo_in.m:
     raise ValueError(f"fused_mlp: x has {x.shape[-1]} features, W_in needs {geo_in.m}")
+  written, read = np.zeros(geo_in.N, bool), np.zeros(geo_in.N, bool)
+  written[_blocks(geo_in, o1)[1]] = True
+  read[_blocks(geo_out, o2)[0]] = True
+  live = written & read
+  keep1 = np.flatnonzero(live[_blocks(geo_in, o1)[1]].any(axis=1))
+  keep2 = np.flatnonzero(live[_blocks(geo_out, o2)[0]].any(axis=1))
   lead = x.shape[:-1]
-  y = _fused(x.reshape(-1, geo_in.m), v_in, bias_in, v_out, bias_out, plan)
+  x = x.reshape(-1, geo_in.m)
+  dtype = jnp.result_type(x, v_in, v_out)
+  const = _constant_term(bias_in, v_out, activation, geo_in, geo_out, o2, written)
+  if not live.any():  # y does not depend on x
+    y = jnp.zeros((x.shape[0], geo_out.n), _F32)
+    y = y + (0.0 if bias_out is None else bias_out.astype(_F32)) + (0.0 if const is None else const)
+    return y.astype(dtype).reshape(*lead, geo_out.n)
+  take = lambda v, keep: v if len(keep) == v.shape[0] else v[keep]
+  plan = Plan(geo_in, geo_out, xla.Frozen(o1[keep1]), xla.Frozen(o2[keep2]), activation,
+              precision_in, precision_out, tuple(int(j) for j in np.flatnonzero(live)))
+  y = _fused(x, take(v_in, keep1), bias_in, take(v_out, keep2), bias_out, plan)
+  if const is not None:
+    y = (y.astype(_F32) + const).astype(dtype)
   return y.reshape(*lead, geo_out.n)
