@@ -20,6 +20,7 @@ windows of h = ceil(D / 2) blocks (any D-window holds one), then the top of the 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -150,9 +151,16 @@ def select(alpha_P: jax.Array, k: int, d: int, budget: int = BUDGET) -> jax.Arra
   else the best such set (`dp`), or, above `budget`, a feasible one (`anchors`). Works
   traced (exploration) and eagerly on concrete alpha (the freeze).
   """
-  p = alpha_P.shape[0]
+  p = jnp.shape(alpha_P)[0]
   if not 1 <= k <= p:
     raise ValueError(f"k must lie in [1, {p}], got {k}")
+  return _select(jnp.asarray(alpha_P), int(k), int(d), int(budget))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _select(alpha_P: jax.Array, k: int, d: int, budget: int) -> jax.Array:
+  """`select` compiled once per (P, K, D): the freeze calls it eagerly on every layer."""
+  p = alpha_P.shape[0]
   top = gates.topk_indices(alpha_P, k)
   rule = method(p, d, k, budget)
   if rule == "top_k":
