@@ -1,7 +1,7 @@
 """dynadiag-jax: dynamic diagonal sparse training (DynaDiag, ICML 2025) in JAX/Flax."""
 
-from dynadiag_jax import (allocation, gates, ops, optim, pattern, recipe, schedules, sharding,
-                          static)
+from dynadiag_jax import (allocation, cover, gates, mixing, ops, optim, pattern, recipe, schedules,
+                          sharding, static)
 from dynadiag_jax.diag_dense import DiagDense
 from dynadiag_jax.layers import LayerFactory
 from dynadiag_jax.phases import advance, exploring_layers, freeze, with_phase
@@ -13,8 +13,8 @@ from dynadiag_jax.summary import summarize, totals
 
 __all__ = [
     "DiagDense", "LayerFactory", "Phase", "PhaseError", "Recipe", "Schedule", "advance",
-    "allocation", "analysis", "export", "exploring_layers", "freeze", "gates", "linear_calls",
-    "nnx", "ops", "optim", "pattern", "recipe", "schedules", "sharding", "sparsify", "static",
+    "allocation", "analysis", "cover", "export", "exploring_layers", "freeze", "gates", "linear_calls",
+    "mixing", "nnx", "ops", "optim", "pattern", "recipe", "schedules", "sharding", "sparsify", "static",
     "summarize", "totals", "with_phase",
 ]
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynadiag_jax import gates, ops, pattern, schedules
+from dynadiag_jax import cover, gates, mixing, ops, pattern, schedules
 from dynadiag_jax import recipe as recipe_lib
 from dynadiag_jax.ops import KernelConfig
 from dynadiag_jax.pattern import Geometry
@@ -83,6 +83,11 @@ class DiagDense(nn.Module):
   describes the effective kernel (None: truncated normal of `nn.Dense`'s variance);
   `recipe` (`dynadiag_jax.recipe.Recipe`) holds the gate and the rest of how the diagonals
   are learned. Hard gates start alpha at (1 + 1e-3 u) / P, u ~ U[0, 1) (random ties broken).
+  With `recipe.cover` the kept K are `cover.select`'s (no input or output left unconnected)
+  and the layer records `cover` in `dynadiag`. `mixing` ('none' | 'stride' | 'random' |
+  'learned', `dynadiag_jax.mixing`) permutes the input features, y = x[..., perm] @ W + b;
+  `dynadiag` then holds `perm` (m,) (static once frozen); 'learned' adds the param
+  `perm_logits` (m, m) while exploring.
   """
   features: int
   sparsity: float = 0.9
@@ -98,10 +103,11 @@ class DiagDense(nn.Module):
   backend: str = "auto"
   kernel_config: KernelConfig = KernelConfig()
   recipe: Recipe = recipe_lib.DEFAULT
+  mixing: str = "none"
 
   def __post_init__(self):
     check_settings(self.features, self.sparsity, self.block, self.backend, self.recipe,
-                   self.name)
+                   self.name, self.mixing)
     super().__post_init__()
 
   @nn.compact
@@ -125,6 +131,8 @@ class DiagDense(nn.Module):
         o_K = np.asarray(o_K)
       v = self.param("values", self._values_init(geo, k), geo.values_shape(o_K.shape[0]),
                      self.param_dtype)
+      bias = self._bias(n)
+      x = self._mix(x, geo)
     else:
       p = geo.P
       if self.alpha_init is not None:
@@ -136,30 +144,37 @@ class DiagDense(nn.Module):
       alpha_P = self.param("alpha", alpha_init, (p,), self.param_dtype)
       values = self.param("values", self._values_init(geo, k), geo.values_shape(p),
                           self.param_dtype)
+      bias = self._bias(n)
       self.variable(COLLECTION, "k", lambda: jnp.asarray(k, jnp.int32))
       self.variable(COLLECTION, "in_features", lambda: jnp.asarray(m, jnp.int32))
       # static (no pytree leaf): checked under jit too, never a checkpoint leaf (the config's)
       code = self.variable(COLLECTION, "gate",
                            lambda: StaticArray(np.int32(gates.code(gate_name)))).value
       self._check_gate(code)
+      covered = self._check_cover()
       phase = self._phase()
+      x = self._mix(x, geo)
       k_active = schedules.k_active(p, k, phase.level, phase.k_start_fraction)
       if pattern.is_concrete(phase.temperature) and not float(np.min(phase.temperature)) > 0:
         raise ValueError(f"temperature must be > 0, got {phase.temperature!r}")
-      g_P = gates.by_name(gate_name)(alpha_P, k, phase.temperature)
+      kept = None  # the K that cover.select keeps (for every gate; hard ones gate exactly these)
+      if covered and (gate_name in gates.HARD or k_active < p):
+        kept = cover.select(jax.lax.stop_gradient(alpha_P), k, geo.D)
+      g_P = gates.by_name(gate_name)(alpha_P, k, phase.temperature, kept=kept)
       g_P = g_P.reshape((p,) + (1,) * (values.ndim - 1))
       gated = lambda g, v: g * v
       if gate_name in gates.SHADOW:  # forward g * v; d/dv = dL/dW on every active diagonal
         gated = lambda g, v: g * v + (1 - jax.lax.stop_gradient(g)) * (v - jax.lax.stop_gradient(v))
       if k_active == p:  # every diagonal: W is dense, one GEMM whatever the backend
-        bias = self._bias(n)
         x, v_all, bias = nn.dtypes.promote_dtype(x, gated(g_P, values), bias, dtype=self.dtype)
         y = jnp.matmul(x, pattern.densify_all(v_all, m, n, geo.block), precision=self.precision)
         return y if bias is None else y + bias
-      o_K = gates.topk_indices(jax.lax.stop_gradient(alpha_P), k_active)
+      if kept is None:
+        o_K = gates.topk_indices(jax.lax.stop_gradient(alpha_P), k_active)
+      else:  # the kept K and the best of the rest
+        o_K = cover.active(jax.lax.stop_gradient(alpha_P), k_active, kept)
       v = gated(g_P[o_K], values[o_K])
 
-    bias = self._bias(n)
     x, v, bias = nn.dtypes.promote_dtype(x, v, bias, dtype=self.dtype)
     y = ops.diag_matmul(x, v, o_K, m, n, backend=self.backend, kernel=cfg)
     return y if bias is None else y + bias
@@ -196,6 +211,45 @@ class DiagDense(nn.Module):
                        f"variables were made with gate {got!r}: apply the model built with the "
                        "recipe that initialised them")
 
+  def _check_cover(self) -> bool:
+    """True when the recipe covers (recording it at init); refuses variables made otherwise."""
+    has = self.has_variable(COLLECTION, "cover")
+    if self.recipe.cover and not has and not self.is_initializing():
+      raise ValueError(f"DiagDense {self._path()} has recipe.cover=True but its variables were "
+                       "made without it: apply the model built with the recipe that "
+                       "initialised them")
+    if has and not self.recipe.cover:
+      raise ValueError(f"DiagDense {self._path()} has recipe.cover=False but its variables "
+                       "were made with cover=True: apply the model built with that recipe")
+    if self.recipe.cover:
+      self.variable(COLLECTION, "cover", lambda: StaticArray(np.int32(1)))
+    return self.recipe.cover
+
+  def _mix(self, x: jax.Array, geo: Geometry) -> jax.Array:
+    """x with its features permuted by the layer's mixing (`dynadiag_jax.mixing`)."""
+    has = self.has_variable(COLLECTION, "perm")
+    if self.mixing == "none":
+      if has:
+        raise ValueError(f"DiagDense {self._path()} has mixing='none' but its variables hold "
+                         "a permutation ('perm'): build it with the mixing that made them")
+      return x
+    if not has and not self.is_initializing():
+      raise ValueError(f"DiagDense {self._path()} has mixing={self.mixing!r} but its variables "
+                       "hold no permutation ('perm'): they were made with mixing='none'")
+    m = geo.m
+    if self.mixing == "stride":
+      perm = self.variable(COLLECTION, "perm", lambda: jnp.asarray(
+          mixing.stride_perm(m, geo.block))).value
+      if isinstance(perm, StaticArray) or not pattern.is_concrete(perm):
+        return mixing.stride(x, geo.block)  # a reshape and transpose, the stored perm's
+      if not np.array_equal(np.asarray(perm), mixing.stride_perm(m, geo.block)):
+        raise ValueError(f"DiagDense {self._path()} has mixing='stride' but its variables hold "
+                         "another permutation: build it with the mixing that made them")
+      return mixing.stride(x, geo.block)
+    perm = self.variable(COLLECTION, "perm",
+                         lambda: mixing.random_perm(self.make_rng("params"), m)).value
+    return mixing.permute(x, np.asarray(perm) if isinstance(perm, StaticArray) else perm)
+
   def _values_init(self, geo: Geometry, k: int) -> nn.initializers.Initializer:
     gain = gates.init_gain(self.recipe.gate, k, geo.P)
     if self.kernel_init is None:
@@ -217,7 +271,7 @@ class DiagDense(nn.Module):
 
 
 def check_settings(features: int, sparsity: Any, block: int, backend: str, recipe: Any,
-                   name: str | None = None) -> None:
+                   name: str | None = None, mix: str = "none") -> None:
   """Clear errors for layer settings that cannot work, raised when the layer is built."""
   where = f"DiagDense {name!r}: " if name else ""
   if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
@@ -230,6 +284,10 @@ def check_settings(features: int, sparsity: Any, block: int, backend: str, recip
     raise ValueError(f"{where}block must be an integer >= 1, got {block!r}")
   try:
     ops.check_backend_name(backend)
+  except ValueError as e:
+    raise ValueError(f"{where}{e}") from None
+  try:
+    mixing.check(mix)
   except ValueError as e:
     raise ValueError(f"{where}{e}") from None
   if not isinstance(recipe, Recipe):

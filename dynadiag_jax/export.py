@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dynadiag_jax import pattern
+from dynadiag_jax import mixing, pattern
 from dynadiag_jax.diag_dense import COLLECTION, DiagDense
 from dynadiag_jax.layers import LayerFactory
 
@@ -218,7 +218,10 @@ def densify(model: nn.Module, variables: Mapping, example_input: Any = None) -> 
     b = pattern.block_of(v)
     n = int(np.shape(layer["bias"])[0]) if "bias" in layer else width(path, m, np.shape(v)[1] * b)
     new = {k: x for k, x in layer.items() if k != "values"}
-    new["kernel"] = pattern.densify(v, np.asarray(node["offsets"]), m, n, b)
+    w_MxN = pattern.densify(v, np.asarray(node["offsets"]), m, n, b)
+    if "perm" in node:  # x[..., perm] @ W = x @ W[inverse(perm)]
+      w_MxN = w_MxN[mixing.inverse(np.asarray(node["perm"]).astype(np.int32))]
+    new["kernel"] = w_MxN
     params = _set(params, path, new)
   out = {k: v for k, v in variables.items() if k not in ("params", COLLECTION)}
   out["params"] = params

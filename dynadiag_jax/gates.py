@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 
 
-def soft_topk(alpha_P: jax.Array, k: int | jax.Array, temperature: float | jax.Array) -> jax.Array:
-  """g_P = min(k * softmax(alpha / T), 1): each gate in [0, 1], sum(g) <= k."""
+def soft_topk(alpha_P: jax.Array, k: int | jax.Array, temperature: float | jax.Array,
+              kept: jax.Array | None = None) -> jax.Array:
+  """g_P = min(k * softmax(alpha / T), 1): each gate in [0, 1], sum(g) <= k (`kept` unused)."""
   a = alpha_P.astype(jnp.float32)
   t = jnp.asarray(temperature, jnp.float32)
   # softmax subtracts the max, so alpha / T stays finite in exp for T down to ~1e-30.
@@ -20,9 +21,11 @@ def topk_indices(alpha_P: jax.Array, k: int) -> jax.Array:
   return jnp.sort(idx).astype(jnp.int32)
 
 
-def st_topk(alpha_P: jax.Array, k: int, temperature: float | jax.Array) -> jax.Array:
-  """Straight-through top-k: forward exactly 1 on the top-k of alpha (`topk_indices`), 0
-  elsewhere; gradient to alpha that of `soft_topk` (g = hard + soft - stop_gradient(soft)).
+def st_topk(alpha_P: jax.Array, k: int, temperature: float | jax.Array,
+            kept: jax.Array | None = None) -> jax.Array:
+  """Straight-through top-k: forward exactly 1 on the top-k of alpha (`topk_indices`; the k
+  offsets `kept` when given, e.g. `cover.select`'s), 0 elsewhere; gradient to alpha that of
+  `soft_topk` (g = hard + soft - stop_gradient(soft)).
 
   The exploring layer is then a K-diagonal layer at full scale, and the freeze folds gates
   of exactly 1 (it changes nothing but the storage).
@@ -31,7 +34,9 @@ def st_topk(alpha_P: jax.Array, k: int, temperature: float | jax.Array) -> jax.A
   if not 1 <= k <= p:
     raise ValueError(f"k must lie in [1, {p}], got {k}")
   soft_P = soft_topk(alpha_P, k, temperature)
-  hard_P = jnp.zeros_like(soft_P).at[topk_indices(jax.lax.stop_gradient(alpha_P), k)].set(1)
+  if kept is None:
+    kept = topk_indices(jax.lax.stop_gradient(alpha_P), k)
+  hard_P = jnp.zeros_like(soft_P).at[kept].set(1)
   # soft - stop_gradient(soft) is exactly 0 in the forward pass (x - x of a finite x).
   return hard_P + (soft_P - jax.lax.stop_gradient(soft_P))
 

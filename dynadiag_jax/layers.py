@@ -22,9 +22,10 @@ class LayerFactory:
   Models name linear layers by role ('mlp_in', 'attn_out', 'head', ...) so that one
   name covers the same-shaped layer of every block. `block` is an upper bound: each
   DiagDense takes the largest block size up to it that divides its kernel. `recipe` is
-  every DiagDense's (`dynadiag_jax.recipe`). `fuse_mlp`: models run an MLP whose two layers
-  are frozen block-diagonal `xla` layers as one fused op (`dynadiag_jax.mlp_block`); False
-  keeps the two plain calls. Settings are checked when the factory is built.
+  every DiagDense's (`dynadiag_jax.recipe`), `mixing` every DiagDense's input permutation
+  ('none' | 'stride' | 'random', `dynadiag_jax.mixing`). `fuse_mlp`: models run an MLP whose
+  two layers are frozen block-diagonal `xla` layers as one fused op (`dynadiag_jax.mlp_block`);
+  False keeps the two plain calls. Settings are checked when the factory is built.
   """
   sparsity: tuple[tuple[str, float], ...] = ()
   backend: str = "auto"
@@ -33,15 +34,16 @@ class LayerFactory:
   block: int = 1
   kernel_config: KernelConfig = KernelConfig()
   recipe: Recipe = recipe_lib.DEFAULT
+  mixing: str = "none"
   fuse_mlp: bool = True
 
   def __post_init__(self):
     if not isinstance(self.sparsity, tuple):
       raise TypeError(f"LayerFactory.sparsity must be a tuple of (name, sparsity) pairs (use "
                       f"LayerFactory.from_dict), got {self.sparsity!r}")
-    check_settings(1, 0.0, self.block, self.backend, self.recipe)
+    check_settings(1, 0.0, self.block, self.backend, self.recipe, mix=self.mixing)
     for name, s in self.sparsity:
-      check_settings(1, s, self.block, self.backend, self.recipe, name)
+      check_settings(1, s, self.block, self.backend, self.recipe, name, self.mixing)
 
   @classmethod
   def from_dict(cls, sparsity: Mapping[str, float], **kw) -> "LayerFactory":
@@ -61,7 +63,7 @@ class LayerFactory:
     return DiagDense(features, sparsity=s, block=self.block, fit_block=True, use_bias=use_bias,
                      dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=kernel_init,
                      backend=self.backend, kernel_config=self.kernel_config,
-                     recipe=self.recipe, name=name)
+                     recipe=self.recipe, mixing=self.mixing, name=name)
 
 
 def factory_for(linear: LayerFactory, dtype: Any) -> LayerFactory:

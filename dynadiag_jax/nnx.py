@@ -55,6 +55,9 @@ class DiagLinear(nnx.Module):
                kernel_config: KernelConfig = KernelConfig(),
                recipe: Recipe = recipe_lib.DEFAULT, name: str | None = None):
     check_settings(in_features, sparsity, block, backend, recipe, name)
+    if recipe.cover:
+      raise ValueError("dd.nnx.DiagLinear does not support recipe.cover (the Linen DiagDense "
+                       "does): use a recipe with cover=False")
     self.in_features, self.out_features = int(in_features), int(out_features)
     self.layer = DiagDense(out_features, sparsity=sparsity, block=block, fit_block=fit_block,
                            use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynadiag_jax import gates, schedules, static
+from dynadiag_jax import cover, gates, schedules, static
 from dynadiag_jax.diag_dense import COLLECTION
 
 T_END = schedules.Schedule.t_end  # the temperature the default schedule freezes at
@@ -135,7 +135,8 @@ def advance(variables: Mapping[str, Any], opt_state: Any, sched: schedules.Sched
 
 def _layer_choice(params: Mapping, col: Mapping,
                   temperature: float) -> tuple[np.ndarray, jax.Array]:
-  """(kept offsets_K, gates g_P) of one exploring layer, by the gate it recorded at init."""
+  """(kept offsets_K, gates g_P) of one exploring layer, by the gate it recorded at init (and
+  `cover.select` when it recorded `cover`)."""
   alpha = jnp.asarray(params["alpha"])
   if alpha.ndim != 1:
     raise ValueError("freeze takes un-replicated variables (alpha of shape (P,)), got "
@@ -145,8 +146,12 @@ def _layer_choice(params: Mapping, col: Mapping,
     raise ValueError("an exploring DiagDense without a recorded gate (variables made by a "
                      "version before the recipe): re-initialise, or freeze with that version")
   gate = gates.name_of(int(np.asarray(col["gate"])))
-  g = gates.by_name(gate)(alpha.astype(jnp.float32), k, temperature)
-  return np.asarray(gates.topk_indices(alpha, k)), g
+  if "cover" in col:
+    kept = cover.select(alpha, k, int(np.shape(params["values"])[1]))
+  else:
+    kept = gates.topk_indices(alpha, k)
+  g = gates.by_name(gate)(alpha.astype(jnp.float32), k, temperature, kept=kept)
+  return np.asarray(kept), g
 
 
 def _params_like(node: Any, params: Any) -> bool:
@@ -183,9 +188,10 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
 
   Always a pair: the second item is the gathered `opt_state`, or None when none is given.
 
-  Every exploring DiagDense keeps the top-K diagonals of alpha, folds their gates into
-  `values`, and drops `alpha` and the other rows; `dynadiag` then holds only `offsets`
-  and `in_features`, as `static.StaticArray`s: passed into `jax.jit` with the variables they
+  Every exploring DiagDense keeps the top-K diagonals of alpha (`cover.select`'s K when it
+  recorded `cover`), folds their gates into `values`, and drops `alpha` and the other rows;
+  `dynadiag` then holds only `offsets`, `in_features` and the mixing's `perm` (if any), as
+  `static.StaticArray`s: passed into `jax.jit` with the variables they
   stay concrete, so the kernels run the exact layout of the pattern.
   Each layer's gate is the one it recorded at init (its recipe's), folded at `temperature`
   (the schedule's at the freeze, its t_end; hard gates do not depend on it).
@@ -207,7 +213,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
         **{k: x for k, x in d.items() if k not in ("alpha", "values")}, "values": folded})
     out = _replace_at(out, (COLLECTION,) + path, lambda d: {
         "offsets": np.asarray(idx, np.int32),
-        **({"in_features": d["in_features"]} if "in_features" in d else {})})
+        **{key: d[key] for key in ("in_features", "perm") if key in d}})
   out[COLLECTION] = static.static(out[COLLECTION])
 
   if opt_state is None:

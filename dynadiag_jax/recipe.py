@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from dynadiag_jax import gates
 from dynadiag_jax.schedules import Schedule
 
@@ -40,7 +42,8 @@ class Recipe:
   freeze; t_start / t_end: cosine temperature of the soft top-k; k_start_fraction: K_active
   starts at this share of P (cosine down to K); num_levels: K_active levels (one compile
   each); alpha_lr: alpha's learning rate as a multiple of the optimizer's; l1: l1 penalty
-  on alpha.
+  on alpha; cover: keep the K diagonals of high alpha that leave no input or output of a
+  rectangular layer unconnected (`cover.select`; exploring and at the freeze), not the top-K.
   """
   gate: str = gates.DEFAULT
   freeze_fraction: float = 0.3
@@ -50,6 +53,7 @@ class Recipe:
   num_levels: int = 5
   alpha_lr: float = 1.0
   l1: float = 0.0
+  cover: bool = False
   experimental: Experimental = Experimental()
 
   def __post_init__(self):
@@ -58,6 +62,8 @@ class Recipe:
       raise ValueError(f"recipe.alpha_lr must be > 0, got {self.alpha_lr}")
     if self.l1 < 0:
       raise ValueError(f"recipe.l1 must be >= 0, got {self.l1}")
+    if not isinstance(self.cover, (bool, np.bool_)):
+      raise TypeError(f"recipe.cover must be a bool, got {self.cover!r}")
     if not isinstance(self.experimental, Experimental):
       raise TypeError(f"recipe.experimental must be an Experimental, got {self.experimental!r}")
     self.schedule(1)  # checks freeze_fraction, temperatures, k_start_fraction, num_levels

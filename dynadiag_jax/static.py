@@ -16,8 +16,9 @@ import jax
 import numpy as np
 
 COLLECTION = "dynadiag"  # diag_dense.COLLECTION (diag_dense imports this module)
-# The frozen `dynadiag` variables held static (DiagDense: offsets (K,) and in_features ()).
-STATIC_NAMES = ("offsets", "in_features")
+# The frozen `dynadiag` variables held static (DiagDense: offsets (K,), in_features () and
+# the input permutation perm (m,) of a mixing layer).
+STATIC_NAMES = ("offsets", "in_features", "perm")
 
 
 class StaticArray:

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dynadiag_jax import pattern
+from dynadiag_jax import cover, pattern
 from dynadiag_jax.diag_dense import COLLECTION
 from dynadiag_jax.probe import LinearCall, linear_calls
 
@@ -65,8 +65,9 @@ def _at(tree: Any, path: tuple[str, ...]) -> Any:
 def unconnected(variables: Any, c: LinearCall) -> tuple[int, int] | None:
   """(inputs, outputs) of a DiagDense that no kept diagonal touches (None for nn.Dense).
 
-  Frozen layers by their offsets, exploring ones by the top-K of alpha (what the freeze
-  keeps). A wrapped diagonal of a rectangular layer covers only D = min / b blocks of the
+  Frozen layers by their offsets, exploring ones by the top-K of alpha, or `cover.select`'s
+  K with recipe.cover (what the freeze keeps). A mixing permutation changes which features
+  these are, not how many. A wrapped diagonal of a rectangular layer covers only D = min / b blocks of the
   long side, so K overlapping ones can leave inputs or outputs with no weight at all.
   """
   if not c.sparse:
@@ -76,7 +77,10 @@ def unconnected(variables: Any, c: LinearCall) -> tuple[int, int] | None:
     o_K = np.asarray(col["offsets"]).reshape(-1)
   else:
     alpha = np.asarray(_at(variables["params"], c.path)["alpha"]).reshape(-1)
-    o_K = np.sort(np.argsort(-alpha, kind="stable")[:c.k])
+    if "cover" in col:
+      o_K = np.asarray(cover.select(alpha, c.k, c.d))
+    else:
+      o_K = np.sort(np.argsort(-alpha, kind="stable")[:c.k])
   rows_KxD, cols_KxD = pattern.offset_coords(o_K.astype(np.int32), c.m, c.n, c.block)
   b = c.block
   return (c.m - b * len(np.unique(rows_KxD)), c.n - b * len(np.unique(cols_KxD)))

@@ -109,7 +109,8 @@ def build_model(config: ml_collections.ConfigDict,
   diag = sp if methods.diag_dense(config) else {}  # mask methods: nn.Dense, masked by tx
   factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
                                       kernel_config=kernel_config(config),
-                                      recipe=build_recipe(config))
+                                      recipe=build_recipe(config),
+                                      mixing=str(config.get("mixing", "none")))
   return models.build(model_config(config, spec), factory), sp
 
 

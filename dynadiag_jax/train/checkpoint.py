@@ -48,7 +48,7 @@ MAY_CHANGE = (
 # existed ran with: a saved config that lacks one reads as having this value (old names:
 # RENAMED applies after).
 IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag",
-           "static_patterns": "", "model.split_qkv": False, "hold_alpha": ()}
+           "static_patterns": "", "model.split_qkv": False, "hold_alpha": (), "mixing": "none"}
 # Fields that moved into config.recipe (issue 21): old dotted path -> new one.
 RENAMED = {"gate": "recipe.gate", "l1": "recipe.l1", "alpha_lr": "recipe.alpha_lr",
            "hold_alpha": "recipe.experimental.hold",
