@@ -183,7 +183,7 @@ class _Pair(nn.Module):
 
 
 class _Mixed(DiagDense):
-  """A DiagDense with an input permutation (a sibling adds `mixing`): never fused."""
+  """A DiagDense with a random input permutation (`mixing`): never fused."""
   mixing: str = "random"
 
 
@@ -219,7 +219,7 @@ def test_sparse_mlp_fuses_only_frozen_xla_blocks(rng, fused_calls):
   shape(lambda v, x: _Pair(128, 48).apply(v, x, between=lambda h: h), fz, x)
   shape(_Pair(128, 48, block=1).apply, _frozen(_Pair(128, 48, block=1), x, seed), x)
   shape(_Pair(128, 48, backend="dense").apply, fz, x)
-  shape(_Pair(128, 48, cls=_Mixed).apply, fz, x)
+  shape(_Pair(128, 48, cls=_Mixed).apply, _frozen(_Pair(128, 48, cls=_Mixed), x, seed), x)
   shape(_Pair(128, 48).apply, dd.static.arrays(fz), x)
   assert len(fused_calls) == 1
   shape(_Pair(128, 48, backend="xla").apply, fz, x)
