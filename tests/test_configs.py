@@ -54,7 +54,7 @@ def test_config_fields(name):
   assert 0 < r.freeze_fraction < 1 and r.num_levels >= 2
   assert c.total_steps > 0 or c.num_epochs > 0
   assert set(c.sparse_layers) <= set(models.linear_roles(c.model))
-  if name in ("mnist_mlp", "digits_mlp", "text_gpt2_tiny"):
+  if name in ("mnist_mlp", "digits_mlp", "text_gpt2_tiny", "mnist_vit_wide", "text_gpt2_wide"):
     assert c.data.name in OFFLINE_DATA
   if c.model.name in ("vit", "mixer") and c.data.name.startswith("cifar"):
     assert c.model.patch_size == 4 and c.optimizer.lr == 1e-3 and c.optimizer.weight_decay == 0.05
@@ -65,6 +65,31 @@ def test_config_fields(name):
     assert c.data.mixup_alpha > 0 and c.data.crop == "random_resized_crop"
   if c.data.name == "wikitext103":
     assert (c.batch_size, c.data.seq_len, c.optimizer.lr) == (512, 1024, 6e-4)
+
+
+@pytest.mark.parametrize("name", ["mnist_vit_wide", "text_gpt2_wide"])
+def test_wide_configs_match_their_block_table(name):
+  """Issue 22: the P / D / K table of mnist_vit_wide's docstring is that of the built layers."""
+  c = _config(name)
+  spec = (build.DataSpec("image", (28, 28, 1), 10, 4000) if c.model.name == "vit" else
+          build.DataSpec("text", (c.data.seq_len,), 257, 10_000))
+  model, sp = build.build_model(c, spec)
+  shapes = {k.name: (k.m, k.n) for k in dd.linear_calls(model, None, spec.dummy_input())
+            if k.name in sp}
+  assert set(shapes) == set(c.sparse_layers) and np.allclose(list(sp.values()), 0.9)
+  doc = importlib.import_module("configs.mnist_vit_wide").__doc__
+  rows = {}
+  for line in doc.splitlines():
+    cells = [x.strip() for x in line.strip().strip("|").split("|")]
+    if len(cells) == 5 and "x" in cells[0] and "/" in cells[1]:
+      rows[cells[0]] = [tuple(int(v) for v in x.split("/")) for x in cells[1:]]
+  assert len(rows) == 4
+  for role, (m, n) in shapes.items():
+    got = [(dd.pattern.num_diagonals(m, n, b), dd.pattern.diag_length(m, n, b),
+            dd.pattern.num_kept(m, n, 0.9, b), dd.pattern.num_kept(m, n, 0.95, b))
+           for b in (1, 16, 32, 64)]
+    assert rows[f"{role} {m}x{n}"] == got, role
+    assert got[1][0] >= 12  # P >= 12 block-diagonals at b = 16 on every sparse layer
 
 
 def test_mnist_mlp_is_the_quickstart_setup():
