@@ -103,8 +103,6 @@ def base() -> ml_collections.ConfigDict:
   c.sparsity = 0.9  # global share of zeros over the sparse layers
   c.sparse_layers = ()  # role names; () = the paper's default (models.sparse_roles)
   c.allocation = "compute_fraction"  # 'uniform' | 'erk' | 'compute_fraction'
-  c.block = 1  # b x b block-diagonals; each layer takes the largest valid b up to this
-  c.mixing = "none"  # sparse layers' input permutation: 'none' | 'stride' | 'random' (dd.mixing)
   c.backend = "auto"  # diag_matmul backend: 'auto' | 'dense' | 'xla' | 'pallas'
   c.kernel = ml_collections.ConfigDict({  # backend settings (dynadiag_jax.ops.KernelConfig)
       "bcsr_block": 16,  # pallas: BCSR block of block-1 patterns (power of two >= 16)

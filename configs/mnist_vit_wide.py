@@ -9,9 +9,9 @@ than its frozen phase: about 4-5 min a DynaDiag run on 2 free cores, 10-13 min w
 cores shared 4 ways (docs/RESULTS.md, the mnist_vit_wide section).
 
 Block-diagonals per sparse layer: P / D / K at 90% / K at 95% (P = max(m, n) / b
-block-diagonals of D = min(m, n) / b blocks; --config.block=b, each layer takes the largest
-valid block up to b). Only the square attn_out keeps P < 12 above b = 16: P >= 12 on
-every layer at b = 64 needs width >= 768.
+block-diagonals of D = min(m, n) / b blocks; --config.recipe.block=b, each layer takes the
+largest valid block up to b). Only the square attn_out keeps P < 12 above b = 16: P >= 12
+on every layer at b = 64 needs width >= 768.
 
 | layer (in x out) | b = 1 | b = 16 | b = 32 | b = 64 |
 |---|---|---|---|---|

@@ -79,19 +79,19 @@ class DiagDense(nn.Module):
   Frozen (after `dynadiag_jax.freeze`): params `values` (K, D[, b, b]), `bias`; `dynadiag`
   holds `offsets` (K,) and `in_features` (), static (`static.StaticArray`).
   `block` b selects b x b block-diagonals (b must divide both sides; 1 is the paper's
-  method; with `fit_block` the layer takes the largest valid b up to `block`); `kernel_init`
-  describes the effective kernel (None: truncated normal of `nn.Dense`'s variance);
-  `recipe` (`dynadiag_jax.recipe.Recipe`) holds the gate and the rest of how the diagonals
-  are learned. Hard gates start alpha at (1 + 1e-3 u) / P, u ~ U[0, 1) (random ties broken).
+  method; with `fit_block` the layer takes the largest valid b up to `block`; None: the
+  recipe's `block`, fitted the same way); `kernel_init` describes the effective kernel
+  (None: truncated normal of `nn.Dense`'s variance); `recipe` (`dynadiag_jax.recipe.Recipe`)
+  holds the layout defaults, the gate and the rest of how the diagonals are learned. Hard
+  gates start alpha at (1 + 1e-3 u) / P, u ~ U[0, 1) (random ties broken).
   With `recipe.cover` the kept K are `cover.select`'s (no input or output left unconnected)
-  and the layer records `cover` in `dynadiag`. `mixing` ('none' | 'stride' | 'random' |
-  'learned', `dynadiag_jax.mixing`) permutes the input features, y = x[..., perm] @ W + b;
-  `dynadiag` then holds `perm` (m,) (static once frozen); 'learned' adds the param
-  `perm_logits` (m, m) while exploring.
+  and the layer records `cover` in `dynadiag`. `mixing` ('none' | 'stride' | 'random',
+  `dynadiag_jax.mixing`; None: the recipe's) permutes the input features,
+  y = x[..., perm] @ W + b; `dynadiag` then holds `perm` (m,) (static once frozen).
   """
   features: int
   sparsity: float = 0.9
-  block: int = 1
+  block: int | None = None
   fit_block: bool = False
   use_bias: bool = True
   dtype: Any = None
@@ -103,7 +103,7 @@ class DiagDense(nn.Module):
   backend: str = "auto"
   kernel_config: KernelConfig = KernelConfig()
   recipe: Recipe = recipe_lib.DEFAULT
-  mixing: str = "none"
+  mixing: str | None = None
 
   def __post_init__(self):
     check_settings(self.features, self.sparsity, self.block, self.backend, self.recipe,
@@ -179,9 +179,16 @@ class DiagDense(nn.Module):
     y = ops.diag_matmul(x, v, o_K, m, n, backend=self.backend, kernel=cfg)
     return y if bias is None else y + bias
 
+  @property
+  def layer_mixing(self) -> str:
+    """This layer's mixing: its own `mixing`, else its recipe's."""
+    return self.recipe.mixing if self.mixing is None else self.mixing
+
   def block_for(self, m: int) -> int:
-    """The block size this layer uses for `m` input features."""
+    """The block size this layer uses for `m` input features (the recipe's, fitted, if unset)."""
     n = int(self.features)
+    if self.block is None:
+      return pattern.largest_block(m, n, self.recipe.block)
     if self.fit_block:
       return pattern.largest_block(m, n, self.block)
     return pattern.check_block(m, n, self.block, self._path())
@@ -228,16 +235,17 @@ class DiagDense(nn.Module):
   def _mix(self, x: jax.Array, geo: Geometry) -> jax.Array:
     """x with its features permuted by the layer's mixing (`dynadiag_jax.mixing`)."""
     has = self.has_variable(COLLECTION, "perm")
-    if self.mixing == "none":
+    mix = self.layer_mixing
+    if mix == "none":
       if has:
         raise ValueError(f"DiagDense {self._path()} has mixing='none' but its variables hold "
                          "a permutation ('perm'): build it with the mixing that made them")
       return x
     if not has and not self.is_initializing():
-      raise ValueError(f"DiagDense {self._path()} has mixing={self.mixing!r} but its variables "
+      raise ValueError(f"DiagDense {self._path()} has mixing={mix!r} but its variables "
                        "hold no permutation ('perm'): they were made with mixing='none'")
     m = geo.m
-    if self.mixing == "stride":
+    if mix == "stride":
       perm = self.variable(COLLECTION, "perm", lambda: jnp.asarray(
           mixing.stride_perm(m, geo.block))).value
       if isinstance(perm, StaticArray) or not pattern.is_concrete(perm):
@@ -270,8 +278,8 @@ class DiagDense(nn.Module):
     return self.param("bias", self.bias_init, (n,), self.param_dtype) if self.use_bias else None
 
 
-def check_settings(features: int, sparsity: Any, block: int, backend: str, recipe: Any,
-                   name: str | None = None, mix: str = "none") -> None:
+def check_settings(features: int, sparsity: Any, block: int | None, backend: str, recipe: Any,
+                   name: str | None = None, mix: str | None = None) -> None:
   """Clear errors for layer settings that cannot work, raised when the layer is built."""
   where = f"DiagDense {name!r}: " if name else ""
   if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or features < 1:
@@ -280,14 +288,17 @@ def check_settings(features: int, sparsity: Any, block: int, backend: str, recip
     pattern.check_sparsity(sparsity)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{where}{e}") from None
-  if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or block < 1:
-    raise ValueError(f"{where}block must be an integer >= 1, got {block!r}")
+  if block is not None and (isinstance(block, bool) or not isinstance(block, (int, np.integer))
+                            or block < 1):
+    raise ValueError(f"{where}block must be an integer >= 1 (or None: the recipe's), got "
+                     f"{block!r}")
   try:
     ops.check_backend_name(backend)
   except ValueError as e:
     raise ValueError(f"{where}{e}") from None
   try:
-    mixing.check(mix)
+    if mix is not None:
+      mixing.check(mix)
   except ValueError as e:
     raise ValueError(f"{where}{e}") from None
   if not isinstance(recipe, Recipe):

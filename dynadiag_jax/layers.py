@@ -31,10 +31,10 @@ class LayerFactory:
   backend: str = "auto"
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  block: int = 1
+  block: int | None = None
   kernel_config: KernelConfig = KernelConfig()
   recipe: Recipe = recipe_lib.DEFAULT
-  mixing: str = "none"
+  mixing: str | None = None
   fuse_mlp: bool = True
 
   def __post_init__(self):

@@ -55,7 +55,7 @@ class FrozenLayer:
 def frozen_layer(layer: nn.Module, m: int) -> FrozenLayer | None:
   """The frozen (values, offsets, bias) of `layer` for `m` input features without applying it,
   or None where the fused path does not apply (see the module docstring)."""
-  if not isinstance(layer, DiagDense) or getattr(layer, "mixing", "none") not in (None, "none"):
+  if not isinstance(layer, DiagDense) or layer.layer_mixing != "none":
     return None
   if not layer.has_variable(COLLECTION, "offsets") or not layer.has_variable("params", "values"):
     return None

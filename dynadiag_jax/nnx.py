@@ -48,16 +48,16 @@ class DiagLinear(nnx.Module):
   """
 
   def __init__(self, in_features: int, out_features: int, sparsity: float = 0.9, *,
-               rngs: nnx.Rngs, block: int = 1, fit_block: bool = False, use_bias: bool = True,
+               rngs: nnx.Rngs, block: int | None = None, fit_block: bool = False, use_bias: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32, precision: Any = None,
                kernel_init: Any = None, bias_init: Any = nnx.initializers.zeros_init(),
                alpha_init: Any = None, backend: str = "auto",
                kernel_config: KernelConfig = KernelConfig(),
                recipe: Recipe = recipe_lib.DEFAULT, name: str | None = None):
     check_settings(in_features, sparsity, block, backend, recipe, name)
-    if recipe.cover:
-      raise ValueError("dd.nnx.DiagLinear does not support recipe.cover (the Linen DiagDense "
-                       "does): use a recipe with cover=False")
+    if recipe.cover or recipe.mixing != "none":
+      raise ValueError("dd.nnx.DiagLinear does not support recipe.cover or recipe.mixing (the "
+                       "Linen DiagDense does): use a recipe with cover=False, mixing='none'")
     self.in_features, self.out_features = int(in_features), int(out_features)
     self.layer = DiagDense(out_features, sparsity=sparsity, block=block, fit_block=fit_block,
                            use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
@@ -188,7 +188,7 @@ def sparsify(model: nnx.Module, sparsity: Mapping[str, float], *, rngs: nnx.Rngs
     raise ValueError(f"sparsify takes a non-empty {{pattern: sparsity}} mapping, got {sparsity!r}")
   rules = tuple((str(p), s) for p, s in sparsity.items())
   for pat, s in rules:
-    check_settings(1, s, kw.get("block", 1), kw.get("backend", "auto"),
+    check_settings(1, s, kw.get("block"), kw.get("backend", "auto"),
                    kw.get("recipe", recipe_lib.DEFAULT), pat)
   targets: dict[int, DiagLinear] = {}
   matched: dict[str, list[str]] = {pat: [] for pat, _ in rules}

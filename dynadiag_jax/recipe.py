@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 
 from dynadiag_jax import gates
+from dynadiag_jax.mixing import NAMES as MIXINGS
 from dynadiag_jax.schedules import Schedule
 
 
@@ -36,15 +37,20 @@ class Experimental:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-  """Gate, schedule and alpha settings of DynaDiag (docs/DESIGN.md section 3).
+  """Layout, gate, schedule and alpha settings of DynaDiag (docs/DESIGN.md section 3).
 
-  gate: a `gates.NAMES` gate; freeze_fraction: exploration share of training, then the
+  block: b x b block-diagonals, an upper bound (each layer takes the largest b <= block that
+  divides its kernel; 1 is the paper's method); mixing: the layers' input permutation
+  ('none' | 'stride' | 'random', `dynadiag_jax.mixing`). A layer's own `block` / `mixing`,
+  when set, overrides these. gate: a `gates.NAMES` gate; freeze_fraction: exploration share of training, then the
   freeze; t_start / t_end: cosine temperature of the soft top-k; k_start_fraction: K_active
   starts at this share of P (cosine down to K); num_levels: K_active levels (one compile
   each); alpha_lr: alpha's learning rate as a multiple of the optimizer's; l1: l1 penalty
   on alpha; cover: keep the K diagonals of high alpha that leave no input or output of a
   rectangular layer unconnected (`cover.select`; exploring and at the freeze), not the top-K.
   """
+  block: int = 1
+  mixing: str = "none"
   gate: str = gates.DEFAULT
   freeze_fraction: float = 0.3
   t_start: float = 5.0
@@ -57,6 +63,12 @@ class Recipe:
   experimental: Experimental = Experimental()
 
   def __post_init__(self):
+    if isinstance(self.block, bool) or not isinstance(self.block, (int, np.integer)) or \
+        self.block < 1:
+      raise ValueError(f"recipe.block must be an integer >= 1, got {self.block!r}")
+    object.__setattr__(self, "block", int(self.block))
+    if self.mixing not in MIXINGS:
+      raise ValueError(f"recipe.mixing must be one of {list(MIXINGS)}, got {self.mixing!r}")
     gates.by_name(self.gate)
     if self.alpha_lr <= 0:
       raise ValueError(f"recipe.alpha_lr must be > 0, got {self.alpha_lr}")

@@ -44,7 +44,7 @@ class Sparsified:
   """
   model: nn.Module
   rules: tuple[tuple[str, float], ...]
-  block: int = 1
+  block: int | None = None
   backend: str = "auto"
   kernel_config: KernelConfig = KernelConfig()
   recipe: Recipe = recipe_lib.DEFAULT
@@ -148,7 +148,7 @@ def _dense_paths(model: nn.Module, *args, **kwargs) -> list[str]:
   return sorted(found)
 
 
-def sparsify(model: nn.Module, sparsity: Mapping[str, float], *, block: int = 1,
+def sparsify(model: nn.Module, sparsity: Mapping[str, float], *, block: int | None = None,
              backend: str = "auto", kernel_config: KernelConfig = KernelConfig(),
              recipe: Recipe = recipe_lib.DEFAULT) -> Sparsified:
   """`model` (any Linen module, unmodified) with the nn.Dense layers whose path matches a
@@ -159,9 +159,10 @@ def sparsify(model: nn.Module, sparsity: Mapping[str, float], *, block: int = 1,
   precision, kernel_init describing the effective kernel, bias_init) and its param path:
   `.../Dense_1/{alpha, values, bias}`, the `dynadiag` collection at the same path, so
   `dd.with_phase`, `dd.advance` and `dd.freeze` work on it unchanged. `block` is an upper
-  bound (each layer takes the largest valid block size up to it). `init` raises for a
-  pattern that matches no nn.Dense; a matched layer that is not a plain nn.Dense (a
-  DenseGeneral, Einsum, Conv, a subclass, a custom dot_general) raises naming it and why.
+  bound (each layer takes the largest valid block size up to it; None: the recipe's).
+  `init` raises for a pattern that matches no nn.Dense; a matched layer that is not a plain
+  nn.Dense (a DenseGeneral, Einsum, Conv, a subclass, a custom dot_general) raises naming it
+  and why.
   """
   if not isinstance(model, nn.Module):
     raise TypeError(f"sparsify takes a flax.linen Module, got {type(model).__name__} "

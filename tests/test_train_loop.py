@@ -126,12 +126,15 @@ def test_config_diff_reads_fields_added_later_as_their_implied_value():
   behaviour, and is refused when it does not."""
   now = digits_mlp.get_config()
   old = json.loads(checkpoint.config_json(now))
-  for k in ("block", "method", "static_patterns"):
+  for k in ("method", "static_patterns"):
     old.pop(k)
+  old["recipe"].pop("block")  # before config.block existed (later config.recipe.block)
   now.recipe.experimental.hold = ()
   assert checkpoint.config_diff(json.dumps(old), now) == []
-  now.block = 16
-  assert checkpoint.config_diff(json.dumps(old), now) == ["block: 1 -> 16"]
+  now.recipe.block = 16
+  assert checkpoint.config_diff(json.dumps(old), now) == ["recipe.block: 1 -> 16"]
+  old["block"] = 16  # saved before block moved into the recipe (issue 22): read as recipe.block
+  assert checkpoint.config_diff(json.dumps(old), now) == []
 
 
 def _pre_recipe(config) -> dict:

@@ -51,14 +51,14 @@ def test_frozen_step_sees_concrete_offsets(rng):
 def test_kernel_settings_reach_the_layers():
   c = digits_mlp.get_config()
   c.backend = "pallas"
-  c.block = 32
+  c.recipe.block = 32
   c.kernel.update(bcsr_block=32, cluster=True)
   assert build.configure_backend(c) == "pallas"
   spec = build.DataSpec("image", (8, 8, 1), 10)
   model, _ = build.build_model(c, spec)
   fc1 = model.linear("fc1", 128)
   assert fc1.kernel_config == ops.KernelConfig(bcsr_block=32, cluster=True)
-  assert (fc1.block, fc1.fit_block) == (32, True)
+  assert (fc1.block, fc1.recipe.block, fc1.block_for(64)) == (None, 32, 32)  # the recipe's
   c.kernel.bcsr_block = 24
   with pytest.raises(ValueError, match="power of two"):
     build.configure_backend(c)

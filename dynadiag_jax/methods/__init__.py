@@ -49,12 +49,19 @@ def diag_dense(config: ml_collections.ConfigDict) -> bool:
   return name(config) in DIAG_DENSE
 
 
+def recipe_block(config: ml_collections.ConfigDict) -> int:
+  """config.recipe.block, or the named recipe's when unset."""
+  rc = config.get("recipe") or {}
+  block = rc.get("block")
+  return int(block) if block is not None else dd.recipe.get(rc.get("name") or "default").block
+
+
 def mask_layers(config: ml_collections.ConfigDict, model: nn.Module, x: np.ndarray,
                 sparsity: dict[str, float]) -> dict[str, masks.Layer]:
   """{'<path>/kernel': Layer} of the dense model's layers named in `sparsity`."""
   kind, _ = MASKED[name(config)]
   mc = config.get("masks") or {}
-  block = int(config.get("block", 1) or 1) if kind == "diag" else 1
+  block = recipe_block(config) if kind == "diag" else 1
   out = {}
   for c in dd.linear_calls(model, None, x):
     if c.name in sparsity:

@@ -107,10 +107,9 @@ def build_model(config: ml_collections.ConfigDict,
   configure_backend(config)
   sp = layer_sparsity(config, spec)
   diag = sp if methods.diag_dense(config) else {}  # mask methods: nn.Dense, masked by tx
-  factory = dd.LayerFactory.from_dict(diag, backend=config.backend, block=int(config.block),
+  factory = dd.LayerFactory.from_dict(diag, backend=config.backend,
                                       kernel_config=kernel_config(config),
-                                      recipe=build_recipe(config),
-                                      mixing=str(config.get("mixing", "none")))
+                                      recipe=build_recipe(config))
   return models.build(model_config(config, spec), factory), sp
 
 

@@ -49,8 +49,8 @@ MAY_CHANGE = (
 # RENAMED applies after).
 IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag",
            "static_patterns": "", "model.split_qkv": False, "hold_alpha": (), "mixing": "none"}
-# Fields that moved into config.recipe (issue 21): old dotted path -> new one.
-RENAMED = {"gate": "recipe.gate", "l1": "recipe.l1", "alpha_lr": "recipe.alpha_lr",
+# Fields that moved into config.recipe (issues 21, 22): old dotted path -> new one.
+RENAMED = {"block": "recipe.block", "mixing": "recipe.mixing", "gate": "recipe.gate", "l1": "recipe.l1", "alpha_lr": "recipe.alpha_lr",
            "hold_alpha": "recipe.experimental.hold",
            **{f"schedule.{k}": f"recipe.{k}" for k in (
                "freeze_fraction", "t_start", "t_end", "k_start_fraction", "num_levels")}}
@@ -189,6 +189,10 @@ def config_diff(saved: Any, current: Any, may_change: tuple[str, ...] = MAY_CHAN
     a = {RENAMED.get(k, k): v for k, v in a.items() if REMOVED.get(k, ()) != v}
   else:
     a = {**{k: v for k, v in implied.items() if k in b}, **a}
+    for old, new in RENAMED.items():  # moved after config.recipe existed (block, mixing)
+      if old in a and old not in b:
+        v = a.pop(old)
+        a[new] = v if a.get(new) is None else a[new]
   a, b = _resolved_recipe(a), _resolved_recipe(b)
   out = []
   for k in sorted(set(a) | set(b)):
