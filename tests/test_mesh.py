@@ -124,7 +124,7 @@ def test_saved_on_4_resumes_on_2_and_1(tmp_path):
   """A mesh run on 4 devices (2x2, FSDP) saved at step 6 resumes on 2 (a 1x2 mesh, and pmap) and
   on 1 device; each ends as an uninterrupted run on that count does. To float tolerance, not
   bitwise: XLA sums the gradient over another number of shards, so two uninterrupted runs on 4
-  and on 2 devices differ in the last bits too (both differences are printed; about 3e-8)."""
+  and on 2 devices differ in the last bits too (both differences are printed; observed 6e-8)."""
   four = tmp_path / "four"
   train_and_evaluate(_config(4, fsdp=2), str(four))
   refs = {}
