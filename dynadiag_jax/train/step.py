@@ -116,14 +116,13 @@ def train_body(model: nn.Module, tx: optax.GradientTransformation, sched: dd.Sch
   """step(state, batch) -> (state, metrics) on one device's batch (`axis`: pmean over it) or on
   the whole batch (axis None: the mesh mode, where XLA sums over the devices).
 
-  The dropout key of step s is fold_in(rng, s), also folded with the device index under pmap.
-  The gradients are taken inside `context()` (the mesh mode's `dd.sharding.use_mesh`);
-  `constrain` pins the new state's shardings (the mesh mode's rule).
-
   The model runs in the state's phase (`state.model_at`): its K_active level, static, and
   the temperature sched.temperature(s) of step s, computed inside the step. The step
   recompiles when the state's structure changes (each K_active level, the freeze); frozen
-  patterns are closed over as constants (see `PatternStep`).
+  patterns are closed over as constants (see `PatternStep`). The dropout key of step s is
+  fold_in(rng, s), also folded with the device index under pmap. The gradients are taken
+  inside `context()` (the mesh mode's `dd.sharding.use_mesh`); `constrain` pins the new
+  state's shardings (the mesh mode's rule).
   """
   kx, ky = input_key(spec)
 
