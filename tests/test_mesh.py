@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import digits_mlp
 from dynadiag_jax import data
-from dynadiag_jax.train import checkpoint, loop, mesh, progress, train_and_evaluate
+from dynadiag_jax.train import checkpoint, loop, mesh, parallel, progress, train_and_evaluate
 from dynadiag_jax.train import state as state_lib
 
 STEPS, SAVE = 12, 6  # freeze at 9: the resumed runs explore, then freeze
@@ -52,6 +52,9 @@ def test_fsdp_rule():
   c.mesh.update(data=-1, fsdp=3)
   with pytest.raises(ValueError, match="divide the 4 devices"):
     mesh.mesh_shape(c, 4)
+  c.parallel = "shard"
+  with pytest.raises(ValueError, match="config.parallel must be one of"):
+    parallel.build(c, jax.local_devices())
 
 
 @pytest.mark.parametrize("frozen", [False, True])
