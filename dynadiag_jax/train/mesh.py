@@ -124,6 +124,10 @@ class MeshParallel:
     return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data), tree)
 
   def leaf(self, x: Any) -> np.ndarray:
+    """One leaf as numpy: a replicated one (alpha, the dynadiag collection) read locally, with
+    no program, so process 0 alone may call it; a split one gathered (every process must)."""
+    if x.sharding.is_fully_replicated:
+      return np.array(x.addressable_shards[0].data)
     return self.host(x)
 
   def batch(self, source, raw: dict) -> dict:
