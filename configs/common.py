@@ -135,7 +135,13 @@ def base() -> ml_collections.ConfigDict:
   })
 
   # Running.
-  c.num_devices = 0  # local devices for pmap; 0 = all
+  c.num_devices = 0  # local devices to use; 0 = all
+  c.parallel = "pmap"  # 'pmap' | 'mesh': jax.jit over a (data, fsdp) mesh (docs/SHARDING.md)
+  c.mesh = ml_collections.ConfigDict({  # parallel='mesh' only
+      "data": -1,  # batch-only axis size; -1 = all the devices fsdp leaves
+      "fsdp": 1,  # params / optimizer state split along this axis (the batch too)
+      "fsdp_min_size": 2**14,  # smaller leaves (and vectors) stay replicated
+  })
   c.distributed = False  # multi-host: jax.distributed.initialize (dynadiag_jax.train.distributed)
   c.cluster = ml_collections.ConfigDict({  # used when distributed; unset -> DYNADIAG_* env vars
       "coordinator_address": "",  # process 0's host:port; '' and no env: jax's cluster detection

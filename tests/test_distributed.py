@@ -1,6 +1,7 @@
 """Two train.py processes joined by jax.distributed on 127.0.0.1 (two CPU devices each): a peer
 killed mid-run is reported by the survivor, both restart, and the run ends bitwise equal to an
-uninterrupted two-process run; a workdir that is not shared is a clear error."""
+uninterrupted two-process run (pmap, and a mesh splitting the parameters over both processes);
+a workdir that is not shared is a clear error."""
 
 from __future__ import annotations
 
@@ -87,12 +88,27 @@ def _kill_peer_when(procs: list[subprocess.Popen], ready: Callable[[], bool]) ->
         p.kill()
 
 
+# config.parallel='mesh' with every parameter matrix split over the 4 devices of both processes.
+MESH = ("--config.parallel=mesh", "--config.mesh.fsdp=4", "--config.mesh.fsdp_min_size=0")
+
+
 def test_two_processes_peer_killed_restart_resumes_bitwise(tmp_path):
+  _killed_restart_bitwise(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_processes_mesh_peer_killed_restart_resumes_bitwise(tmp_path):
+  """The same with a (1, 4) data x fsdp mesh over both processes (FSDP across the hosts)."""
+  _killed_restart_bitwise(tmp_path, *MESH)
+
+
+def _killed_restart_bitwise(tmp_path: Path, *extra: str):
+  """Uninterrupted vs peer killed after a checkpoint >= 10 and both restarted: bitwise equal."""
   ref, run = tmp_path / "ref", tmp_path / "run"
-  for rc, err in _finish(_start([ref, ref], _port())):  # uninterrupted
+  for rc, err in _finish(_start([ref, ref], _port(), *extra)):  # uninterrupted
     assert rc == 0, err[-3000:]
 
-  procs = _start([run, run], _port())
+  procs = _start([run, run], _port(), *extra)
   rc0, err0 = _kill_peer_when(procs, lambda: any(s >= 10 for s in _steps(run)))
   assert procs[1].wait() == -signal.SIGKILL
   done = any(s == STEPS for s in _steps(run))
@@ -100,7 +116,7 @@ def test_two_processes_peer_killed_restart_resumes_bitwise(tmp_path):
     assert rc0 == distributed.PEER_LOST_EXIT, err0[-3000:]
     assert "a peer process died" in err0 and "restart every process" in err0, err0[-3000:]
 
-  for rc, err in _finish(_start([run, run], _port())):  # both restart, same command
+  for rc, err in _finish(_start([run, run], _port(), *extra)):  # both restart, same command
     assert rc == 0, err[-3000:]
   events = [e for e in progress.read_metrics(str(run)) if e.get("event") == "restore"]
   assert events and all(10 <= e["step"] < STEPS for e in events), events

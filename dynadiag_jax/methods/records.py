@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -39,10 +39,14 @@ def _first_exploring(variables: Any) -> tuple[str, ...] | None:
   return paths[0] if paths else None
 
 
-def trace(workdir: str, step: int, state: Any, temperature: float) -> None:
-  """Appends alpha, K and T of the first exploring layer of a replicated state to alpha.jsonl."""
-  first = lambda x: np.asarray(x.addressable_shards[0].data)[0] if hasattr(
-      x, "addressable_shards") else np.asarray(x)
+def trace(workdir: str, step: int, state: Any, temperature: float,
+          leaf: Callable[[Any], np.ndarray] | None = None) -> None:
+  """Appends alpha, K and T of the first exploring layer of a replicated state to alpha.jsonl.
+
+  leaf: reads one leaf as numpy (default: the first copy of a pmap-replicated leaf).
+  """
+  leaf = leaf or (lambda x: np.asarray(x.addressable_shards[0].data)[0])
+  first = lambda x: leaf(x) if hasattr(x, "addressable_shards") else np.asarray(x)
   extra = state.extra
   if COLLECTION not in extra:
     return

@@ -36,11 +36,12 @@ from dynadiag_jax.train.state import TrainState
 FORMAT = 1
 
 # Config fields that may differ when a run resumes (fnmatch patterns over dotted paths):
-# its length, reporting, checkpoint cadence, devices, compile and kernel settings, and
+# its length, reporting, checkpoint cadence, devices and how they are used (pmap or a mesh of
+# any shape: a checkpoint holds one logical copy), compile and kernel settings, and
 # where the data lives. Every other field defines the run and must match the saved config.
 MAY_CHANGE = (
     "total_steps", "num_epochs", "log_every", "eval_every", "eval_batch_size", "progress_bar",
-    "checkpoint.*", "num_devices", "distributed", "cluster.*", "fast_compile", "backend", "kernel.*",
+    "checkpoint.*", "num_devices", "parallel", "mesh.*", "distributed", "cluster.*", "fast_compile", "backend", "kernel.*",
     "data.data_dir", "data.vocab_dir", "data.text_dir", "data.*workers*", "data.*prefetch*",
 )
 

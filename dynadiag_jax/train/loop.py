@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -21,9 +20,10 @@ import optax
 import dynadiag_jax as dd
 from dynadiag_jax import data, methods
 from dynadiag_jax.methods import records
-from dynadiag_jax.train import build, checkpoint, distributed, guard, lock, progress, signals
+from dynadiag_jax.train import build, checkpoint, distributed, guard, lock, parallel, progress
+from dynadiag_jax.train import signals
 from dynadiag_jax.train import state as state_lib
-from dynadiag_jax.train.step import FAST_COMPILE, make_eval_step, make_train_step
+from dynadiag_jax.train.step import FAST_COMPILE
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -79,35 +79,30 @@ class _StopSignals:
       signal.signal(signal.SIGTERM, self._old)
 
 
-@functools.lru_cache(maxsize=8)
-def _device_preprocess(source):
-  """pmapped data.device.preprocess: uint8 -> normalized float32, mixup / cutmix, on the devices."""
-  return jax.pmap(data.device.preprocess(source))
-
-
 class _EvalStopped(Exception):
   """A stop signal came during an evaluation (it is abandoned: it changes no state)."""
 
 
-def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, devices,
+def evaluate(p_eval, rstate, source, spec: build.DataSpec, config, par,
              interruptible: bool = False) -> dict[str, float]:
-  """loss, accuracy (and perplexity for text) over the whole eval split.
+  """loss, accuracy (and perplexity for text) over the whole eval split (`par`: the run's
+  parallel.Pmap or mesh.MeshParallel).
 
   interruptible: a stop signal (signals.py) abandons it between batches (_EvalStopped).
   """
-  n = len(devices) * jax.process_count()
+  n = par.size
   eb = int(math.ceil(config.eval_batch_size / n) * n)
   sums = None
-  prep = _device_preprocess(source)
-  with contextlib.closing(data.eval_batches(source, eb, num_devices=len(devices), raw=True,
+  with contextlib.closing(data.eval_batches(source, eb, num_devices=len(par.devices), raw=True,
+                                            shard=par.shard_batches,
                                             workers=data.num_workers(config.data, source),
                                             prefetch=config.data.prefetch)) as it:
     for batch in it:
       if interruptible and signals.requested() is not None and jax.process_count() == 1:
         raise _EvalStopped()
-      out = p_eval(rstate, prep(state_lib.shard(batch, devices)))
+      out = p_eval(rstate, par.batch(source, batch))
       sums = out if sums is None else jax.tree.map(lambda a, b: a + b, sums, out)
-  s = state_lib.unreplicate(sums)
+  s = par.scalars(sums)
   count = max(float(s["count"]), 1.0)
   out = {"loss": float(s["loss"]) / count, "accuracy": float(s["correct"]) / count}
   if spec.kind == "text":
@@ -133,7 +128,7 @@ def _check(config: ml_collections.ConfigDict):
 class Run:
   """The fixed pieces of one run, built from its config."""
   config: ml_collections.ConfigDict
-  devices: list[jax.Device]
+  par: Any  # parallel.Pmap | mesh.MeshParallel: how the run spreads over its devices
   source: Any
   spec: build.DataSpec
   model: nn.Module
@@ -156,8 +151,9 @@ class Run:
     sched = build.build_schedule(config, steps) if diag else None
     tx = build.build_optimizer(config, steps, sched, spe)
     tx = methods.wrap_optimizer(config, tx, model, spec.dummy_input(), sparsity, steps)
-    return cls(config, local_devices(config), source, spec, model, sparsity, steps, sched, tx,
-               build.learning_rate(config, steps, spe), _compile_options(config))
+    return cls(config, parallel.build(config, local_devices(config)), source, spec, model,
+               sparsity, steps, sched, tx, build.learning_rate(config, steps, spe),
+               _compile_options(config))
 
   @property
   def k_start_fraction(self) -> float:
@@ -182,7 +178,7 @@ class Run:
 def _train_record(run: Run, pending: list[dict], step: int, active: int, frozen: bool,
                   rate: float) -> dict:
   """Means over the steps since the last record, with lr, T, active diagonals, steps/s."""
-  m = jax.tree.map(lambda *xs: float(np.mean(xs)), *_host_metrics(pending))
+  m = jax.tree.map(lambda *xs: float(np.mean(xs)), *_host_metrics(run.par, pending))
   rec = {"loss": m["loss"], "accuracy": m["accuracy"], "grad_norm": m["grad_norm"],
          "lr": float(run.lr(step)), "active": active, "steps_per_s": rate}
   if run.sched is not None and not frozen:
@@ -190,16 +186,16 @@ def _train_record(run: Run, pending: list[dict], step: int, active: int, frozen:
   return rec
 
 
-def _host_metrics(pending: list[dict]) -> list[dict]:
+def _host_metrics(par, pending: list[dict]) -> list[dict]:
   """Per-step metrics as numpy float32 scalars (device ones fetched, saved ones as they are)."""
   dev = [i for i, m in enumerate(pending) if isinstance(next(iter(m.values())), jax.Array)]
-  got = dict(zip(dev, state_lib.unreplicate([pending[i] for i in dev]))) if dev else {}
+  got = dict(zip(dev, par.scalars([pending[i] for i in dev]))) if dev else {}
   return [got.get(i, m) for i, m in enumerate(pending)]
 
 
-def _pending_json(pending: list[dict]) -> list[dict]:
+def _pending_json(par, pending: list[dict]) -> list[dict]:
   """The metrics of steps not yet logged, for a checkpoint (exact floats)."""
-  return [{k: float(v) for k, v in m.items()} for m in _host_metrics(pending)]
+  return [{k: float(v) for k, v in m.items()} for m in _host_metrics(par, pending)]
 
 
 def _pending_restored(meta: dict) -> list[dict]:
@@ -386,11 +382,12 @@ class Loop:
     loop = cls(run, workdir, ck, rep, start, latest is not None, wall0, t0, pending=carried)
     loop.greet(host)
     loop.place(host)
-    loop.p_train = make_train_step(run.model, run.tx, run.sched, run.spec,
-                                   config.label_smoothing, run.options)
-    loop.p_eval = make_eval_step(run.model, run.spec, run.options, run.sched)
+    loop.p_train = run.par.train_step(run.model, run.tx, run.sched, run.spec,
+                                      config.label_smoothing, run.options)
+    loop.p_eval = run.par.eval_step(run.model, run.spec, run.options, run.sched)
     loop.batches = data.batches(run.source, config.batch_size, seed=config.seed,
-                                start_step=start, num_devices=len(run.devices), raw=True,
+                                start_step=start, num_devices=len(run.par.devices), raw=True,
+                                shard=run.par.shard_batches,
                                 prefetch=config.data.prefetch,
                                 workers=data.num_workers(config.data, run.source),
                                 num_steps=run.steps - start)
@@ -414,26 +411,24 @@ class Loop:
     else:
       self.rep.message(
           f"{type(run.model).__name__} on {run.source.name}: {run.steps} steps, batch "
-          f"{config.batch_size} over {len(run.devices)} device(s) x {jax.process_count()} "
-          f"host(s), " + (f"freeze at step {run.sched.freeze_step}" if run.sched else "dense"))
+          f"{config.batch_size} over {run.par.describe()}, " + (f"freeze at step {run.sched.freeze_step}" if run.sched else "dense"))
 
   def place(self, host: state_lib.TrainState):
-    """Replicates a host state onto the devices; the diagonals it computes per step."""
-    self.rstate = state_lib.replicate(host, self.run.devices)
+    """Puts a host state on the devices (pmap: replicated; mesh: sharded); its diagonals per step."""
+    self.rstate = self.run.par.put(host)
     self.active = state_lib.active_diagonals(host, self.run.k_start_fraction)
 
   def maybe_advance_phase(self, step: int):
     """A K_active level change or the freeze, when one is due before `step`."""
     if state_lib.due(self.rstate, self.run.sched, step):
-      host = state_lib.advance(state_lib.unreplicate(self.rstate), self.run.sched, step)
+      host = state_lib.advance(self.run.par.host(self.rstate), self.run.sched, step)
       if host.frozen:
         self.rep.event(step, "freeze")
       self.place(host)
 
   def train_step(self, step: int):
     """One optimizer step on the batch of `step`; its metrics are watched and kept for `log`."""
-    batch = _device_preprocess(self.run.source)(
-        state_lib.shard(next(self.batches), self.run.devices))
+    batch = self.run.par.batch(self.run.source, next(self.batches))
     self.rstate, metrics = self.p_train(self.rstate, batch)
     self.rep.tick()
     self.watch.add(step + 1, metrics)
@@ -451,7 +446,8 @@ class Loop:
     self.rep.write(done, "train", rec, postfix=True)
     self.pending = []
     if self.lead and self.rstate.sparse and not self.rstate.frozen:
-      records.trace(self.workdir, done, self.rstate, float(run.sched.temperature(done - 1)))
+      records.trace(self.workdir, done, self.rstate, float(run.sched.temperature(done - 1)),
+                    leaf=run.par.leaf)
 
   def evaluate(self, done: int):
     """An eval record every eval_every steps (the last step's comes from `finish`)."""
@@ -461,7 +457,7 @@ class Loop:
     self.watch.check()
     try:
       ev = evaluate(self.p_eval, self.rstate, self.run.source, self.run.spec, config,
-                    self.run.devices, interruptible=True)
+                    self.run.par, interruptible=True)
     except _EvalStopped:
       return  # the loop stops at the next boundary, saving this step
     guard.check_eval(ev, done)
@@ -470,7 +466,7 @@ class Loop:
   def checkpoint(self, done: int):
     """A save at every multiple of checkpoint.every; a failed earlier save stops the run here."""
     if done < self.run.steps and self.ck.should_save(done):
-      self.save(state_lib.unreplicate(self.rstate))
+      self.save(self.run.par.host(self.rstate))
     else:
       self.ck.check()
 
@@ -481,7 +477,7 @@ class Loop:
       raise guard.DivergenceError(
           f"training diverged: non-finite parameters at step {int(host.step)}", int(host.step))
     self.ck.save(host, {"wall_s": self.wall(), "config": checkpoint.config_json(self.run.config),
-                        "pending": _pending_json(self.pending)}, force)
+                        "pending": _pending_json(self.run.par, self.pending)}, force)
 
   def stop(self, step: int, signum: int):
     """Saves `step` if this run trained it, ends the reports and raises guard.Stopped."""
@@ -491,7 +487,7 @@ class Loop:
       msg = (f"{what} at step {step}: a multi-host run saves only on SIGTERM (every host); the "
              f"newest checkpoint is " + (f"step {kept}" if kept is not None else "none"))
     elif step > self.start:
-      self._end_saved(state_lib.unreplicate(self.rstate))
+      self._end_saved(self.run.par.host(self.rstate))
       self.rep.event(step, "preempted" if signum == signal.SIGTERM else "interrupted")
       msg = f"{what}: saved step {step} to {self.ck.directory}; rerun the same command to resume"
     elif self.resumed:
@@ -510,7 +506,7 @@ class Loop:
 
   def final_checkpoint(self):
     """The last step's checkpoint, on disk before evaluation; a signal now stops after it."""
-    self.host = state_lib.unreplicate(self.rstate)
+    self.host = self.run.par.host(self.rstate)
     self._end_saved(self.host)
     if signals.requested() is not None and jax.process_count() == 1:
       self._stopped_at_end(signals.requested())
@@ -551,8 +547,8 @@ class Loop:
     if run.sched is not None and not host.frozen:  # freeze_fraction = 1: freeze at the end
       host = state_lib.freeze(host, float(run.sched.temperature(run.steps)))
     try:
-      ev = evaluate(self.p_eval, state_lib.replicate(host, run.devices), run.source, run.spec,
-                    run.config, run.devices, interruptible=True)
+      ev = evaluate(self.p_eval, run.par.put(host), run.source, run.spec, run.config, run.par,
+                    interruptible=True)
       guard.check_eval(ev, run.steps)
     except _EvalStopped:
       self._stopped_at_end(signals.requested())

@@ -1,7 +1,9 @@
-"""The pmapped train and eval steps: loss, gradients averaged over devices, metrics."""
+"""The train and eval steps, pmapped (or jitted over a mesh, train/mesh.py): loss, gradients
+averaged over devices, metrics."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -44,18 +46,26 @@ class Compiled:
     return self.fn(*args) if exe is None else exe(*args)
 
 
+def pmapped(fn: Callable, donate: tuple[int, ...] = ()) -> Callable:
+  """fn pmapped over AXIS (the pmap mode's transform of a step)."""
+  return jax.pmap(fn, axis_name=AXIS, donate_argnums=donate)
+
+
 class PatternStep:
-  """A pmapped step(state, batch) that, once the state is frozen, closes over its pattern.
+  """A pmapped (or `wrap`ped) step(state, batch) that, once frozen, closes over its pattern.
 
   After the freeze the `dynadiag` collection (the offsets) never changes, so the step
   takes it as a constant: `diag_matmul` then sees concrete offsets and the pallas
   backend builds its exact host BCSR layout at trace time (DESIGN.md section 3).
+  `wrap(fn, donate)` compiles a step (pmap, or jit over a mesh); `host(tree)` fetches the
+  state's offsets as numpy (the first copy of pmap's replicated leaves).
   """
 
   def __init__(self, fn: Callable, options: dict[str, Any] | None = None,
-               donate: tuple[int, ...] = ()):
-    self.fn, self.options, self.donate = fn, options, donate
-    self.dynamic = Compiled(jax.pmap(fn, axis_name=AXIS, donate_argnums=donate), options)
+               donate: tuple[int, ...] = (), wrap: Callable = pmapped,
+               host: Callable = unreplicate):
+    self.fn, self.options, self.donate, self.wrap, self.host = fn, options, donate, wrap, host
+    self.dynamic = Compiled(wrap(fn, donate), options)
     self.frozen: Compiled | None = None
 
   @property
@@ -66,10 +76,9 @@ class PatternStep:
     if not (state.frozen and state.sparse):
       return self.dynamic(state, batch)
     if self.frozen is None:  # un-replicate the (constant) offsets once
-      const = unreplicate(state.extra)
+      const = self.host(state.extra)
       fixed = lambda st, b: self.fn(st.replace(extra=const), b)
-      self.frozen = Compiled(jax.pmap(fixed, axis_name=AXIS, donate_argnums=self.donate),
-                             self.options)
+      self.frozen = Compiled(self.wrap(fixed, self.donate), self.options)
     return self.frozen(state, batch)
 
 
@@ -94,15 +103,33 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: d
                     options: dict[str, Any] | None = None) -> Callable:
   """pmapped (state, batch) -> (state, metrics); grads and metrics are pmean'd over AXIS.
 
+  `train_body` is the step itself (the mesh mode jits it over the whole batch instead).
+  """
+  return PatternStep(train_body(model, tx, sched, spec, label_smoothing, AXIS), options,
+                     donate=(0,))
+
+
+def train_body(model: nn.Module, tx: optax.GradientTransformation, sched: dd.Schedule | None,
+               spec: DataSpec, label_smoothing: float = 0.0, axis: str | None = AXIS,
+               context: Callable = contextlib.nullcontext,
+               constrain: Callable = lambda s: s) -> Callable:
+  """step(state, batch) -> (state, metrics) on one device's batch (`axis`: pmean over it) or on
+  the whole batch (axis None: the mesh mode, where XLA sums over the devices).
+
   The model runs in the state's phase (`state.model_at`): its K_active level, static, and
   the temperature sched.temperature(s) of step s, computed inside the step. The step
   recompiles when the state's structure changes (each K_active level, the freeze); frozen
-  patterns are closed over as constants (see `PatternStep`).
+  patterns are closed over as constants (see `PatternStep`). The dropout key of step s is
+  fold_in(rng, s), also folded with the device index under pmap. The gradients are taken
+  inside `context()` (the mesh mode's `dd.sharding.use_mesh`); `constrain` pins the new
+  state's shardings (the mesh mode's rule).
   """
   kx, ky = input_key(spec)
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), jax.lax.axis_index(AXIS))
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis is not None:
+      rng = jax.random.fold_in(rng, jax.lax.axis_index(axis))
     t = jnp.asarray(1.0, jnp.float32)
     if state.sparse and not state.frozen and sched is not None:
       t = sched.temperature(state.step)
@@ -114,22 +141,29 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, sched: d
       loss, correct = losses(logits, batch[ky], label_smoothing)
       return loss.mean(), correct.mean()
 
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.pmean(grads, AXIS)
+    with context():
+      (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    mean = (lambda x: jax.lax.pmean(x, axis)) if axis is not None else (lambda x: x)
+    grads = mean(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = jax.lax.pmean({"loss": loss, "accuracy": acc,
-                             "grad_norm": optax.tree.norm(grads)}, AXIS)
+    metrics = mean({"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)})
     metrics["temperature"] = t
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new, metrics
+    return constrain(new), metrics
 
-  return PatternStep(step, options, donate=(0,))
+  return step
 
 
 def make_eval_step(model: nn.Module, spec: DataSpec, options: dict[str, Any] | None = None,
                    sched: dd.Schedule | None = None) -> Callable:
-  """pmapped (state, batch) -> sums {loss, correct, count} over the masked batch, psum'd.
+  """pmapped (state, batch) -> sums {loss, correct, count} over the masked batch, psum'd."""
+  return PatternStep(eval_body(model, spec, sched, AXIS), options)
+
+
+def eval_body(model: nn.Module, spec: DataSpec, sched: dd.Schedule | None = None,
+              axis: str | None = AXIS, context: Callable = contextlib.nullcontext) -> Callable:
+  """step(state, batch) -> sums {loss, correct, count} over the masked batch (psum'd over `axis`).
 
   While exploring, the model runs in the state's phase at the temperature of its last
   train step, sched.temperature(step - 1).
@@ -139,11 +173,12 @@ def make_eval_step(model: nn.Module, spec: DataSpec, options: dict[str, Any] | N
   def step(state: TrainState, batch: dict) -> dict:
     net = model if sched is None else model_at(
         model, state, sched, sched.temperature(jnp.maximum(state.step - 1, 0)))
-    logits = net.apply(state.variables, batch[kx], train=False)
+    with context():
+      logits = net.apply(state.variables, batch[kx], train=False)
     loss, correct = losses(logits, batch[ky])
     w = batch["mask"].reshape(batch["mask"].shape + (1,) * (loss.ndim - 1))
     w = jnp.broadcast_to(w, loss.shape)
     sums = {"loss": (loss * w).sum(), "correct": (correct * w).sum(), "count": w.sum()}
-    return jax.lax.psum(sums, AXIS)
+    return jax.lax.psum(sums, axis) if axis is not None else sums
 
-  return PatternStep(step, options)
+  return step
