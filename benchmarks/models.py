@@ -3,6 +3,7 @@
     python -m benchmarks.models                  # ViT-S/16, 224 px, 90%, block 64
     python -m benchmarks.models --quick          # depth 4, batch 4
     python -m benchmarks.models --parts          # one encoder block, piece by piece
+    python -m benchmarks.models --recipe fast    # a named recipe: its block, mixing, cover
 
 Every linear layer of the encoder blocks (qkv, attn_out, mlp_in, mlp_out) is a DiagDense
 at the given sparsity and block (each layer the largest valid block up to it), backend
@@ -67,14 +68,16 @@ def _train(model, rest, closed: bool, tx):
   return jax.jit(lambda p, s, x, y: step(p, s, x, y, rest))
 
 
-def build(variant: str, depth: int | None, sparsity: float, block: int, image: int,
-          batch: int, key):
-  """{name: (kind, fn, state)}: inference and train variants, each compiled once."""
+def build(variant: str, depth: int | None, sparsity: float, block: int | None, image: int,
+          batch: int, key, recipe: str = "default"):
+  """{name: (kind, fn, state)}: inference and train variants, each compiled once (block None:
+  the recipe's)."""
   x = jax.random.normal(key, (batch, image, image, 3), jnp.float32)
   y = jax.random.randint(key, (batch,), 0, 1000)
   tx = optax.adamw(1e-4)
   dense = ViT(variant, depth=depth, num_classes=1000)
-  fac = LayerFactory.from_dict({n: sparsity for n in LINEARS}, block=block, backend="auto")
+  fac = LayerFactory.from_dict({n: sparsity for n in LINEARS}, block=block, backend="auto",
+                               recipe=dd.recipe.get(recipe))
   sparse = ViT(variant, depth=depth, num_classes=1000, linear=fac)
   unfused = ViT(variant, depth=depth, num_classes=1000, linear=fac.replace(fuse_mlp=False))
   vd = dense.init(key, x[:1])
@@ -165,13 +168,18 @@ def main(argv=None) -> None:
   ap.add_argument("--quick", action="store_true", help="depth 4, batch 4, 3 rounds")
   ap.add_argument("--variant", default="S", help="ViT variant (Ti, S, B, ...)")
   ap.add_argument("--sparsity", type=float, default=0.9)
-  ap.add_argument("--block", type=int, default=64)
+  ap.add_argument("--block", type=int, default=None,
+                  help="block of every sparse layer (default 64, or the --recipe's)")
+  ap.add_argument("--recipe", default=None,
+                  help="a named recipe (dd.recipe.RECIPES): its block, mixing, cover and gate")
   ap.add_argument("--batch", type=int, default=None, help="images per call (default 8)")
   ap.add_argument("--image", type=int, default=224)
   ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
   ap.add_argument("--parts", action="store_true",
                   help="time the pieces of one encoder block instead (where the time goes)")
   args = ap.parse_args(argv)
+  if args.block is None:
+    args.block = dd.recipe.get(args.recipe).block if args.recipe else 64
   if args.parts:
     main_parts(args)
     return
@@ -181,7 +189,8 @@ def main(argv=None) -> None:
   key = jax.random.PRNGKey(0)
   print(f"  building and compiling ViT-{args.variant}/16 ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
-  vs = build(args.variant, depth, args.sparsity, args.block, args.image, batch, key)
+  vs = build(args.variant, depth, args.sparsity, args.block, args.image, batch, key,
+             args.recipe or "default")
   for name, (kind, fn, st) in vs.items():
     jax.block_until_ready(_call(kind, fn, st))
     print(f"  compiled {name} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -195,7 +204,8 @@ def main(argv=None) -> None:
   med = {k: statistics.median(t) for k, t in times.items()}
   print(f"{jax.default_backend()}, ViT-{args.variant}/16{f' depth {depth}' if depth else ''}, "
         f"{args.image} px, batch {batch}, float32, sparsity {args.sparsity:g} in qkv / attn_out / "
-        f"mlp_in / mlp_out, block {args.block}, backend auto, median of {repeats} interleaved rounds\n")
+        f"mlp_in / mlp_out, block {args.block}, recipe {args.recipe or 'default'}, backend auto, "
+        f"median of {repeats} interleaved rounds\n")
   print("| model | inference images/s | vs dense | train steps/s | vs dense |")
   print("|---|---|---|---|---|")
   for name in ("dense", "exploring", "frozen", "frozen unfused"):

@@ -146,13 +146,41 @@ def test_named_recipes_and_validation():
   assert dd.recipe.DEFAULT.gate == dd.gates.DEFAULT
   for kw, msg in [({"gate": "hard"}, "unknown gate"), ({"alpha_lr": 0.0}, "alpha_lr"),
                   ({"t_end": 0.0}, "temperatures"), ({"freeze_fraction": 2.0}, "freeze_fraction"),
-                  ({"l1": -1.0}, "l1")]:
+                  ({"l1": -1.0}, "l1"), ({"block": 0}, "block"), ({"block": 1.5}, "block"),
+                  ({"mixing": "shuffle"}, "mixing")]:
     with pytest.raises(ValueError, match=msg):
       dd.Recipe(**kw)
   with pytest.raises(ValueError, match="unknown recipe"):
     dd.recipe.get("fast")
   s = dd.Recipe(freeze_fraction=0.5, t_end=0.1).schedule(10)
   assert (s.freeze_step, s.t_end) == (5, 0.1)
+
+
+class TwoWidths(nn.Module):
+  """Two DiagDense layers whose kernels admit different block sizes."""
+  recipe: dd.Recipe
+  block: int | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    h = dd.DiagDense(96, recipe=self.recipe, block=self.block, fit_block=True, name="a")(x)
+    return dd.DiagDense(40, recipe=self.recipe, name="b")(h)
+
+
+def test_the_recipe_sets_each_layers_block_and_mixing(rng):
+  """recipe.block is fitted per layer (largest valid b up to it), a layer's own block wins,
+  and recipe.mixing reaches every layer that does not set its own."""
+  x = jnp.asarray(rng.normal(size=(4, 64)), jnp.float32)
+  recipe = dd.Recipe(block=16, mixing="stride")
+  calls = dd.linear_calls(dd.with_phase(TwoWidths(recipe)), None, x)
+  assert [(c.m, c.n, c.block) for c in calls] == [(64, 96, 16), (96, 40, 8)]
+  v = dd.with_phase(TwoWidths(recipe)).init(jax.random.PRNGKey(0), x)
+  for name, m, b in (("a", 64, 16), ("b", 96, 8)):
+    np.testing.assert_array_equal(v["dynadiag"][name]["perm"], dd.mixing.stride_perm(m, b))
+  calls = dd.linear_calls(dd.with_phase(TwoWidths(recipe, block=4)), None, x)
+  assert [c.block for c in calls] == [4, 8]
+  plain = dd.with_phase(TwoWidths(dd.recipe.DEFAULT)).init(jax.random.PRNGKey(0), x)
+  assert "perm" not in plain["dynadiag"]["a"] and plain["params"]["a"]["values"].ndim == 2
 
 
 def test_one_recipe_drives_layer_optimizer_and_schedule(rng):

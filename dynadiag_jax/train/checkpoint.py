@@ -51,7 +51,8 @@ MAY_CHANGE = (
 IMPLIED = {"alpha_lr": 1.0, "block": 1, "gate": "soft_topk", "method": "dynadiag",
            "static_patterns": "", "model.split_qkv": False, "hold_alpha": (), "mixing": "none"}
 # Fields that moved into config.recipe (issues 21, 22): old dotted path -> new one.
-RENAMED = {"block": "recipe.block", "mixing": "recipe.mixing", "gate": "recipe.gate", "l1": "recipe.l1", "alpha_lr": "recipe.alpha_lr",
+RENAMED = {"block": "recipe.block", "mixing": "recipe.mixing", "gate": "recipe.gate",
+           "l1": "recipe.l1", "alpha_lr": "recipe.alpha_lr",
            "hold_alpha": "recipe.experimental.hold",
            **{f"schedule.{k}": f"recipe.{k}" for k in (
                "freeze_fraction", "t_start", "t_end", "k_start_fraction", "num_levels")}}

@@ -30,7 +30,10 @@ def describe(directory: str, step: int | None = None) -> str:
   cfg = json.loads(meta.get("config") or "{}")
   n = sum(int(np.size(v)) for k, v in flat.items() if k.startswith("params/"))
   phase = "frozen" if meta.get("frozen") else f"exploring, K_active level {meta.get('level')}"
-  run = ", ".join(f"{k}={cfg[k]}" for k in ("method", "sparsity", "block", "total_steps") if k in cfg)
+  rc = cfg.get("recipe") or {}
+  cfg = {**cfg, **{f"recipe.{k}": rc[k] for k in ("name", "block") if rc.get(k) is not None}}
+  run = ", ".join(f"{k}={cfg[k]}" for k in ("method", "sparsity", "block", "recipe.name",
+                                            "recipe.block", "total_steps") if k in cfg)
   return (f"{directory}: step {meta['step']} ({phase}), {meta.get('wall_s', 0.0):.1f} s of training\n"
           f"  {len(flat)} leaves, {n:,} parameters, every crc32 verified\n"
           f"  config: {run or 'not recorded'}")
