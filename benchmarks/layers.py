@@ -2,6 +2,7 @@
 
     python -m benchmarks.layers            # the full table (30-60 min on 2 busy cores)
     python -m benchmarks.layers --quick    # ViT-B MLP shapes, 1 and 1576 rows, 90 / 99%
+    python -m benchmarks.layers --single --rows 1 --blocks 1 --modes fwd   # single-call latency
 
 For each kernel shape, row count and mode (forward; forward + backward = the loss, dx and
 the gradients of values and bias), every variant (nn.Dense, and a frozen layer
@@ -15,6 +16,8 @@ applies R distinct layers of one shape, unrolled (R = 4 at 1 row, 2 at 8 rows, 1
 so that the ~0.05-0.1 ms of a jitted call's dispatch does not hide a 1-row layer; every
 layer reads its own weight arrays, as successive layers of a model do (a `lax.scan` over
 stacked weights would copy each slice first and triple nn.Dense's memory traffic).
+`--single` times what an online server sees instead: one layer per call (R = 1), each
+sample one call, dispatch included, median of many interleaved rounds.
 """
 
 from __future__ import annotations
@@ -57,9 +60,11 @@ def _compiled(apply, mode: str, params, xs):
   return fn
 
 
-def variants(m: int, n: int, rows: int, mode: str, sparsities, blocks, backends, seed=0):
-  """{(sparsity, block, backend) or 'nn.Dense': (fn, params, xs)} for one shape and row count."""
-  r = layers_per_call(rows)
+def variants(m: int, n: int, rows: int, mode: str, sparsities, blocks, backends, seed=0,
+             r: int | None = None):
+  """{(sparsity, block, backend) or 'nn.Dense': (fn, params, xs)} for one shape and row count
+  (r layers per call; default `layers_per_call(rows)`)."""
+  r = r or layers_per_call(rows)
   rng = np.random.default_rng(seed)
   xs = [jnp.asarray(rng.normal(size=(rows, m)), jnp.float32) for _ in range(r)]
   bias = [jnp.zeros((n,), jnp.float32) for _ in range(r)]
@@ -122,7 +127,10 @@ def main(argv=None) -> None:
                   help="backends timed; the 'auto' column is the backend auto picks (it "
                        "dispatches at trace time, so its program is that backend's)")
   ap.add_argument("--modes", default="fwd,train", help="fwd and/or train (fwd + bwd)")
-  ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 5)")
+  ap.add_argument("--repeats", type=int, default=None,
+                  help="timed rounds (default 7, quick 5, single 201)")
+  ap.add_argument("--single", action="store_true",
+                  help="single calls: one layer per call, one call per sample (latency)")
   args = ap.parse_args(argv)
   q = args.quick
   shapes = ([tuple(int(a) for a in s.split("x")) for s in args.shapes.split(",")] if args.shapes
@@ -132,11 +140,13 @@ def main(argv=None) -> None:
   blocks = [int(a) for a in (args.blocks or ("1,64" if q else "1,16,32,64")).split(",")]
   backends = args.backends.split(",")
   modes = args.modes.split(",")
-  repeats = args.repeats or (5 if q else 7)
+  repeats = args.repeats or (201 if args.single else 5 if q else 7)
   for be in backends:
     ops.check_backend_name(be)
+  sample = ("each sample one call of one layer (dispatch included)" if args.single else
+            "each sample n back-to-back calls (n: nn.Dense's sample >= 100 ms)")
   print(f"{jax.default_backend()} ({jax.device_count()} device), float32, median of {repeats} "
-        f"interleaved rounds, each sample n back-to-back calls (n: nn.Dense's sample >= 100 ms); "
+        f"interleaved rounds, {sample}; "
         f"numbers are speed-ups over nn.Dense (higher is faster); load average at start "
         f"{os.getloadavg()[0]:.1f}", flush=True)
   head = ("| kernel | rows | mode | sparsity | K / P | block | nn.Dense ms | "
@@ -148,12 +158,12 @@ def main(argv=None) -> None:
       for mode in modes:
         t0 = time.perf_counter()
         print(f"  compiling {m}x{n}, {rows} rows, {mode} ...", file=sys.stderr, flush=True)
-        vs = variants(m, n, rows, mode, sps, blocks, backends)
-        calls = calls_per_sample(vs)
+        vs = variants(m, n, rows, mode, sps, blocks, backends, r=1 if args.single else None)
+        calls = 1 if args.single else calls_per_sample(vs)
         print(f"  timing {len(vs)} variants, {calls} calls per sample "
               f"({time.perf_counter() - t0:.0f} s to compile) ...", file=sys.stderr, flush=True)
         med = time_round_robin(vs, repeats, calls)
-        r = layers_per_call(rows)
+        r = 1 if args.single else layers_per_call(rows)
         base = med["nn.Dense"]
         for s in sps:
           for b in blocks:
