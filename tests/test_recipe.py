@@ -150,8 +150,10 @@ def test_named_recipes_and_validation():
                   ({"mixing": "shuffle"}, "mixing")]:
     with pytest.raises(ValueError, match=msg):
       dd.Recipe(**kw)
+  assert (dd.recipe.get("fast").block, dd.recipe.get("fast").cover) == (
+      dd.recipe.FAST.block, True)
   with pytest.raises(ValueError, match="unknown recipe"):
-    dd.recipe.get("fast")
+    dd.recipe.get("fastest")
   s = dd.Recipe(freeze_fraction=0.5, t_end=0.1).schedule(10)
   assert (s.freeze_step, s.t_end) == (5, 0.1)
 

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+import dynadiag_jax as dd
 from dynadiag_jax import ops
 from dynadiag_jax.train import build, state, step
 
@@ -59,6 +60,9 @@ def test_kernel_settings_reach_the_layers():
   fc1 = model.linear("fc1", 128)
   assert fc1.kernel_config == ops.KernelConfig(bcsr_block=32, cluster=True)
   assert (fc1.block, fc1.recipe.block, fc1.block_for(64)) == (None, 32, 32)  # the recipe's
+  c.recipe.update(name="fast", block=None)  # one name: the fast recipe's layout and cover
+  fast = build.build_model(c, spec)[0].linear("fc1", 128)
+  assert fast.recipe == dd.recipe.FAST and fast.block_for(64) == 64 and fast.recipe.cover
   c.kernel.bcsr_block = 24
   with pytest.raises(ValueError, match="power of two"):
     build.configure_backend(c)
