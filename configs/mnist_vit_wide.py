@@ -24,21 +24,14 @@ K rounds up to whole block-diagonals, so the achieved sparsity of the sparse lay
 "90%" is 89.9% (b = 1), 89.1% (16), 87.5% (32), 85.4% (64).
 """
 
-from configs import common
+from configs import mnist_vit_tiny
 
 
 def get_config():
-  c = common.base()
-  c.data.name = "mnist5k"
-  c.model = common.model("vit", variant="Ti", patch_size=7, pool="tok", width=256, depth=4,
-                         num_heads=4, mlp_dim=1024, dropout=0.0)
-  c.sparsity = 0.9
-  c.sparse_layers = ("qkv", "attn_out", "mlp_in", "mlp_out")
-  c.allocation = "compute_fraction"
+  c = mnist_vit_tiny.get_config()  # same data, sparse layers, allocation, schedule shape
+  c.model.update(width=256, depth=4, num_heads=4, mlp_dim=1024)
   c.batch_size = 64
   c.total_steps = 800
-  c.optimizer.update(lr=3e-3, weight_decay=0.05, warmup_steps=50, grad_clip=1.0)
-  c.eval_every = 0
-  c.log_every = 50
+  c.optimizer.lr = 3e-3
   c.checkpoint.every = 400
   return c
