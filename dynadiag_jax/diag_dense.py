@@ -187,7 +187,9 @@ class DiagDense(nn.Module):
   def block_for(self, m: int) -> int:
     """The block size this layer uses for `m` input features (the recipe's, fitted, if unset)."""
     n = int(self.features)
-    if self.block is None:
+    if self.block is None:  # the recipe's; with cover, capped where K diagonals can cover
+      if self.recipe.cover:
+        return pattern.largest_covering_block(m, n, self.sparsity, self.recipe.block)
       return pattern.largest_block(m, n, self.recipe.block)
     if self.fit_block:
       return pattern.largest_block(m, n, self.block)

@@ -97,6 +97,18 @@ def num_kept(m: int, n: int, sparsity: float, block: int = 1) -> int:
   return int(min(max(math.ceil((1.0 - s) * p - 1e-9), 1), p))
 
 
+def coverable(m: int, n: int, sparsity: float, block: int) -> bool:
+  """Whether K kept (block-)diagonals can connect every input and output: K D >= P."""
+  g = Geometry(m, n, block)
+  return num_kept(m, n, sparsity, block) * g.D >= g.P
+
+
+def largest_covering_block(m: int, n: int, sparsity: float, block: int) -> int:
+  """The largest valid block b <= `block` whose K diagonals can cover the kernel (1 if none)."""
+  return max((b for b in valid_blocks(m, n) if b <= block and coverable(m, n, sparsity, b)),
+             default=1)
+
+
 def diagonal_coords(m: int, n: int, block: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """(rows_PxD, cols_PxD): the (block-)cell of entry t of diagonal p."""
   g = Geometry(m, n, block)

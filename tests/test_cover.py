@@ -137,3 +137,23 @@ def test_cover_records_and_refuses_another_recipe():
     dd.with_phase(_layer(64, 256, 32, True), 0.0).apply(plain, x)
   with pytest.raises(TypeError, match="cover"):
     dd.Recipe(cover="yes")
+
+
+def test_a_recipe_block_with_cover_is_capped_where_k_diagonals_can_cover(rng):
+  """With recipe.cover a layer takes the largest block <= the recipe's whose K diagonals can
+  reach every input and output (K D >= P); a layer's own block is never capped."""
+  for _ in range(20):
+    m, n = (int(rng.choice([64, 96, 128, 256, 384])) for _ in range(2))
+    s, top = float(rng.choice([0.5, 0.9, 0.95, 0.99])), int(rng.choice([8, 32, 64]))
+    ok = [b for b in dd.pattern.valid_blocks(m, n) if b <= top and
+          dd.pattern.num_kept(m, n, s, b) * dd.pattern.Geometry(m, n, b).D
+          >= dd.pattern.Geometry(m, n, b).P]
+    assert dd.pattern.largest_covering_block(m, n, s, top) == max(ok, default=1), (m, n, s, top)
+  assert [dd.pattern.largest_covering_block(256, 768, s, 64) for s in (0.9, 0.95)] == [32, 16]
+  x = jnp.ones((2, 256), jnp.float32)
+  r = dd.Recipe(block=64, cover=True)
+  assert dd.linear_calls(dd.with_phase(dd.DiagDense(768, recipe=r)), None, x)[0].block == 32
+  own = dd.DiagDense(768, block=64, recipe=r)
+  assert dd.linear_calls(dd.with_phase(own), None, x)[0].block == 64
+  plain = dd.DiagDense(768, recipe=r.replace(cover=False))
+  assert dd.linear_calls(dd.with_phase(plain), None, x)[0].block == 64

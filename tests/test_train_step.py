@@ -62,7 +62,8 @@ def test_kernel_settings_reach_the_layers():
   assert (fc1.block, fc1.recipe.block, fc1.block_for(64)) == (None, 32, 32)  # the recipe's
   c.recipe.update(name="fast", block=None)  # one name: the fast recipe's layout and cover
   fast = build.build_model(c, spec)[0].linear("fc1", 128)
-  assert fast.recipe == dd.recipe.FAST and fast.block_for(64) == 64 and fast.recipe.cover
+  assert fast.recipe == dd.recipe.FAST and fast.recipe.cover
+  assert fast.block_for(64) == dd.pattern.largest_covering_block(64, 128, fast.sparsity, 32) == 8
   c.kernel.bcsr_block = 24
   with pytest.raises(ValueError, match="power of two"):
     build.configure_backend(c)
