@@ -10,23 +10,14 @@ betas (0.9, 0.95), weight decay 0.1, clip 1.0, 30 warmup steps then cosine to 1e
 docs/RESULTS.md (the wide tasks) for its cost. Longer runs: --config.total_steps.
 """
 
-from configs import common
+from configs import text_gpt2_tiny
 
 
 def get_config():
-  c = common.base()
-  c.data.update(name="pydoc", tokenizer="bytes", seq_len=64)
-  c.model = common.model("gpt2", size="tiny", width=256, num_layers=4, num_heads=4, context=64,
-                         dropout=0.0)
-  c.sparsity = 0.9
-  c.sparse_layers = ("qkv", "attn_out", "mlp_in", "mlp_out")
-  c.allocation = "compute_fraction"
-  c.batch_size = 16
-  c.total_steps = 600
-  c.optimizer.update(lr=1e-3, b2=0.95, weight_decay=0.1, warmup_steps=30, end_lr_fraction=0.1,
-                     grad_clip=1.0)
-  c.eval_batch_size = 64
+  c = text_gpt2_tiny.get_config()  # same data, sparse layers, allocation, optimizer shape
+  c.data.seq_len = 64
+  c.model.update(width=256, num_layers=4, num_heads=4, context=64)
+  c.optimizer.lr = 1e-3
   c.eval_every = 0
   c.log_every = 50
-  c.checkpoint.every = 200
   return c
