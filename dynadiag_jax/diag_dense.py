@@ -250,12 +250,11 @@ class DiagDense(nn.Module):
     if mix == "stride":
       perm = self.variable(COLLECTION, "perm", lambda: jnp.asarray(
           mixing.stride_perm(m, geo.block))).value
-      if isinstance(perm, StaticArray) or not pattern.is_concrete(perm):
-        return mixing.stride(x, geo.block)  # a reshape and transpose, the stored perm's
-      if not np.array_equal(np.asarray(perm), mixing.stride_perm(m, geo.block)):
+      if (not isinstance(perm, StaticArray) and pattern.is_concrete(perm)
+          and not np.array_equal(np.asarray(perm), mixing.stride_perm(m, geo.block))):
         raise ValueError(f"DiagDense {self._path()} has mixing='stride' but its variables hold "
                          "another permutation: build it with the mixing that made them")
-      return mixing.stride(x, geo.block)
+      return mixing.stride(x, geo.block)  # a reshape and transpose, the stored perm's
     perm = self.variable(COLLECTION, "perm",
                          lambda: mixing.random_perm(self.make_rng("params"), m)).value
     return mixing.permute(x, np.asarray(perm) if isinstance(perm, StaticArray) else perm)
