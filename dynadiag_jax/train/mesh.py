@@ -116,19 +116,16 @@ class MeshParallel:
 
   def host(self, tree: Any) -> Any:
     """Every leaf whole, as numpy on every host (one logical copy: what checkpoints hold)."""
-    full = _gather(self.mesh)(tree)
-    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data), full)
+    return jax.tree.map(_local, _gather(self.mesh)(tree))
 
   def scalars(self, tree: Any) -> Any:
     """Step outputs (metrics, eval sums: replicated scalars) as numpy, without a program."""
-    return jax.tree.map(lambda x: np.array(x.addressable_shards[0].data), tree)
+    return jax.tree.map(_local, tree)
 
   def leaf(self, x: Any) -> np.ndarray:
     """One leaf as numpy: a replicated one (alpha, the dynadiag collection) read locally, with
     no program, so process 0 alone may call it; a split one gathered (every process must)."""
-    if x.sharding.is_fully_replicated:
-      return np.array(x.addressable_shards[0].data)
-    return self.host(x)
+    return _local(x) if x.sharding.is_fully_replicated else self.host(x)
 
   def batch(self, source, raw: dict) -> dict:
     """This host's rows of a batch placed on the mesh, preprocessed per device (as under pmap)."""
@@ -152,6 +149,11 @@ class MeshParallel:
   def context(self):
     """DiagDense products per shard of the batch rows (dd.sharding.use_mesh)."""
     return dd.sharding.use_mesh(self.mesh, batch_axes=AXES)
+
+
+def _local(x: jax.Array) -> np.ndarray:
+  """A replicated array's value from this process's first shard (no program runs)."""
+  return np.array(x.addressable_shards[0].data)
 
 
 def _jit(fn: Callable, donate: tuple[int, ...] = ()) -> Callable:
