@@ -85,9 +85,11 @@ class DiagDense(nn.Module):
   holds the layout defaults, the gate and the rest of how the diagonals are learned. Hard
   gates start alpha at (1 + 1e-3 u) / P, u ~ U[0, 1) (random ties broken).
   With `recipe.cover` the kept K are `cover.select`'s (no input or output left unconnected)
-  and the layer records `cover` in `dynadiag`. `mixing` ('none' | 'stride' | 'random',
-  `dynadiag_jax.mixing`; None: the recipe's) permutes the input features,
-  y = x[..., perm] @ W + b; `dynadiag` then holds `perm` (m,) (static once frozen).
+  and the layer records `cover` in `dynadiag`. `mixing` ('none' | 'stride' | 'random' |
+  'learned', `dynadiag_jax.mixing`; None: the recipe's) permutes the input features,
+  y = x[..., perm] @ W + b; `dynadiag` then holds `perm` (m,) (static once frozen). A
+  learned mixing explores with params `perm_logits` (m, m) and y = x @ P^T @ W + b, P their
+  soft permutation; the freeze stores its hard permutation as `perm`.
   """
   features: int
   sparsity: float = 0.9
@@ -153,7 +155,7 @@ class DiagDense(nn.Module):
       self._check_gate(code)
       covered = self._check_cover()
       phase = self._phase()
-      x = self._mix(x, geo)
+      x = self._mix(x, geo, phase)
       k_active = schedules.k_active(p, k, phase.level, phase.k_start_fraction)
       if pattern.is_concrete(phase.temperature) and not float(np.min(phase.temperature)) > 0:
         raise ValueError(f"temperature must be > 0, got {phase.temperature!r}")
@@ -234,19 +236,31 @@ class DiagDense(nn.Module):
       self.variable(COLLECTION, "cover", lambda: StaticArray(np.int32(1)))
     return self.recipe.cover
 
-  def _mix(self, x: jax.Array, geo: Geometry) -> jax.Array:
-    """x with its features permuted by the layer's mixing (`dynadiag_jax.mixing`)."""
+  def _mix(self, x: jax.Array, geo: Geometry,
+           phase: schedules.Phase | None = None) -> jax.Array:
+    """x with its features permuted by the layer's mixing (`dynadiag_jax.mixing`); `phase`:
+    the exploring phase (a learned mixing is then the soft permutation at its temperature)."""
     has = self.has_variable(COLLECTION, "perm")
+    soft = self.has_variable("params", mixing.LOGITS)
     mix = self.layer_mixing
+    made = ("mixing='learned'" if soft else "a fixed permutation ('perm', mixing 'stride' or "
+            "'random')" if has else "mixing='none'")
+    if (mix == "none" and (has or soft)) or (mix != "learned" and soft):
+      raise ValueError(f"DiagDense {self._path()} has mixing={mix!r} but its variables were "
+                       f"made with {made}: build it with the mixing that made them")
     if mix == "none":
-      if has:
-        raise ValueError(f"DiagDense {self._path()} has mixing='none' but its variables hold "
-                         "a permutation ('perm'): build it with the mixing that made them")
       return x
+    m = geo.m
+    if mix == "learned" and phase is not None:  # exploring: Sinkhorn's soft permutation
+      if not soft and not self.is_initializing():
+        raise ValueError(f"DiagDense {self._path()} has mixing='learned' but its variables "
+                         f"hold no {mixing.LOGITS!r}: they were made with {made}")
+      logits = self.param(mixing.LOGITS, mixing.logits_init, (m, m), self.param_dtype)
+      tau = jnp.asarray(phase.temperature, jnp.float32) / self.recipe.t_start
+      return mixing.soft_permute(x, mixing.soft(logits, tau))
     if not has and not self.is_initializing():
       raise ValueError(f"DiagDense {self._path()} has mixing={mix!r} but its variables "
-                       "hold no permutation ('perm'): they were made with mixing='none'")
-    m = geo.m
+                       f"hold no permutation ('perm'): they were made with {made}")
     if mix == "stride":
       perm = self.variable(COLLECTION, "perm", lambda: jnp.asarray(
           mixing.stride_perm(m, geo.block))).value

@@ -23,7 +23,7 @@ class LayerFactory:
   name covers the same-shaped layer of every block. `block` is an upper bound: each
   DiagDense takes the largest block size up to it that divides its kernel. `recipe` is
   every DiagDense's (`dynadiag_jax.recipe`), `mixing` every DiagDense's input permutation
-  ('none' | 'stride' | 'random', `dynadiag_jax.mixing`). `fuse_mlp`: models run an MLP whose
+  ('none' | 'stride' | 'random' | 'learned', `dynadiag_jax.mixing`). `fuse_mlp`: models run an MLP whose
   two layers are frozen block-diagonal `xla` layers as one fused op (`dynadiag_jax.mlp_block`);
   False keeps the two plain calls. Settings are checked when the factory is built.
   """

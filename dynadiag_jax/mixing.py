@@ -9,6 +9,14 @@ shuffle"). A permutation of the inputs lets every block read from several groups
   of the layer before (all of its M blocks when M <= b). It is a reshape and a transpose
   (the identity at b = 1, where single diagonals already mix).
 - 'random': a fixed random permutation per layer, drawn from the layer's init rng.
+- 'learned' (PA-DST, arXiv 2510.14812): while exploring, a soft permutation (a doubly
+  stochastic m x m matrix, `soft`: Sinkhorn of the learned param `perm_logits` over the
+  relative temperature T / t_start of the gates' schedule, so it sharpens with them) mixes
+  x @ P^T; at the freeze `hard` picks the permutation of largest total logit (linear
+  assignment), stored as `perm` like 'random'. The logits start at the identity (each slot
+  keeps its own feature with weight e / (e + 1) ~ 0.73 at t_start) and enter Sinkhorn times
+  GAIN, so under Adam they move GAIN times faster than the weights: a slot can change its
+  feature within the first tens of steps, while T is high enough for gradients to pass.
 The layer stores the permutation in its `dynadiag` collection as `perm` (m,) int32, so it
 survives the freeze, checkpoints and exact resume; after the freeze it is a
 `static.StaticArray` like the offsets (a constant under jit). A permutation does not change
@@ -23,7 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NAMES = ("none", "stride", "random")
+NAMES = ("none", "stride", "random", "learned")
+LOGITS = "perm_logits"  # the param of a learned mixing while exploring
+SINKHORN_ITERS = 20
+GAIN = 30.0  # Sinkhorn sees GAIN * perm_logits / tau
 
 
 def check(name: str) -> str:
@@ -41,6 +52,44 @@ def stride_perm(m: int, b: int) -> np.ndarray:
 def random_perm(key: jax.Array, m: int) -> jax.Array:
   """A uniformly random permutation of m features (int32)."""
   return jax.random.permutation(key, m).astype(jnp.int32)
+
+
+def scale(m: int) -> float:
+  """Logit scale of a learned mixing: exp(scale) / (exp(scale) + m - 1) = e / (e + 1) at init."""
+  return float(np.log(max(m - 1, 1)) + 1.0)
+
+
+def logits_init(key: jax.Array, shape: tuple[int, int], dtype=jnp.float32) -> jax.Array:
+  """The identity x scale(m) / GAIN (a learned mixing starts near 'none'); deterministic."""
+  del key
+  return (jnp.eye(shape[0], shape[1]) * (scale(shape[0]) / GAIN)).astype(dtype)
+
+
+def soft(logits_MxM: jax.Array, tau: jax.Array, iters: int = SINKHORN_ITERS) -> jax.Array:
+  """Sinkhorn(GAIN * logits / tau), log-domain, float32: rows sum to 1, columns to 1 once
+  converged (SINKHORN_ITERS suffice at tau ~ 1; at small tau each row nears a one-hot)."""
+  z = logits_MxM.astype(jnp.float32) * (GAIN / jnp.asarray(tau, jnp.float32))
+
+  def body(_, z):  # columns, then rows: every slot's weights sum to 1 exactly
+    z = z - jax.nn.logsumexp(z, axis=0, keepdims=True)
+    return z - jax.nn.logsumexp(z, axis=1, keepdims=True)
+
+  return jnp.exp(jax.lax.fori_loop(0, iters, body, z))
+
+
+def soft_permute(x: jax.Array, p_MxM: jax.Array) -> jax.Array:
+  """x @ P^T: slot q of the result is sum_j P[q, j] x[..., j] (x[..., perm] when P is hard)."""
+  return jnp.einsum("...j,qj->...q", x, p_MxM.astype(x.dtype))
+
+
+def hard(logits_MxM) -> np.ndarray:
+  """The permutation perm (slot q reads feature perm[q]) of largest total logit (host, scipy)."""
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  logits = np.asarray(logits_MxM, np.float64)
+  if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+    raise ValueError(f"perm_logits must be square (m, m), got shape {logits.shape}")
+  _, cols = optimize.linear_sum_assignment(logits, maximize=True)
+  return cols.astype(np.int32)
 
 
 def inverse(perm) -> np.ndarray | jax.Array:

@@ -8,10 +8,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dynadiag_jax import mixing
 from dynadiag_jax import recipe as recipe_lib
 from dynadiag_jax.recipe import Recipe
 
 ALPHA = "alpha"
+LOGITS = mixing.LOGITS
 
 
 def _key_name(k) -> str:
@@ -28,9 +30,11 @@ def alpha_mask(params: Any) -> Any:
 
 
 def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: kernels and diagonal values, not alpha or biases."""
+  """True where weight decay applies: kernels and diagonal values, not alpha, biases or a
+  learned mixing's logits (decay would pull them towards the uniform mix)."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: _last_key(p) not in (ALPHA, "bias", "scale") and jnp.ndim(x) > 1, params)
+      lambda p, x: _last_key(p) not in (ALPHA, "bias", "scale", LOGITS) and jnp.ndim(x) > 1,
+      params)
 
 
 def add_l1(strength: float) -> optax.GradientTransformation:

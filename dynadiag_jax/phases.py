@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dynadiag_jax import cover, gates, schedules, static
+from dynadiag_jax import cover, gates, mixing, schedules, static
 from dynadiag_jax.diag_dense import COLLECTION
 
 T_END = schedules.Schedule.t_end  # the temperature the default schedule freezes at
@@ -154,6 +154,9 @@ def _layer_choice(params: Mapping, col: Mapping,
   return np.asarray(kept), g
 
 
+_DROPPED = ("alpha", "values", mixing.LOGITS)  # exploring params the freeze replaces or drops
+
+
 def _params_like(node: Any, params: Any) -> bool:
   """Whether `node` has the exact structure of `params`: same keys, leaves of the same shapes
   (or optax.MaskedNode where a masked transform holds no state)."""
@@ -190,6 +193,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
 
   Every exploring DiagDense keeps the top-K diagonals of alpha (`cover.select`'s K when it
   recorded `cover`), folds their gates into `values`, and drops `alpha` and the other rows;
+  a learned mixing's `perm_logits` become the hard permutation `perm` (`mixing.hard`);
   `dynadiag` then holds only `offsets`, `in_features` and the mixing's `perm` (if any), as
   `static.StaticArray`s: passed into `jax.jit` with the variables they
   stay concrete, so the kernels run the exact layout of the pattern.
@@ -209,11 +213,12 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
     v = layer["values"]
     g_K = g_P[idx].reshape((len(idx),) + (1,) * (v.ndim - 1))
     folded = (g_K * jnp.asarray(v, jnp.float32)[idx]).astype(v.dtype)
+    learned = {"perm": mixing.hard(layer[mixing.LOGITS])} if mixing.LOGITS in layer else {}
     out = _replace_at(out, ("params",) + path, lambda d: {
-        **{k: x for k, x in d.items() if k not in ("alpha", "values")}, "values": folded})
-    out = _replace_at(out, (COLLECTION,) + path, lambda d: {
+        **{k: x for k, x in d.items() if k not in _DROPPED}, "values": folded})
+    out = _replace_at(out, (COLLECTION,) + path, lambda d, learned=learned: {
         "offsets": np.asarray(idx, np.int32),
-        **{key: d[key] for key in ("in_features", "perm") if key in d}})
+        **{key: d[key] for key in ("in_features", "perm") if key in d}, **learned})
   out[COLLECTION] = static.static(out[COLLECTION])
 
   if opt_state is None:
@@ -224,7 +229,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
     node = _to_dict(node)
     for path, idx in choice.items():
       def layer(d, idx=idx):
-        d = {k: v for k, v in d.items() if k != "alpha"}
+        d = {k: v for k, v in d.items() if k not in ("alpha", mixing.LOGITS)}
         if not isinstance(d["values"], optax.MaskedNode):
           d["values"] = jnp.asarray(d["values"])[idx]
         return d
@@ -233,7 +238,8 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
 
   old_params = _to_dict(variables)["params"]
   new_state = _gather_state(opt_state, old_params, remap)
-  alphas = tuple("".join(f"['{k}']" for k in path) + "['alpha']" for path in choice)
+  alphas = tuple("".join(f"['{k}']" for k in path) + f"['{name}']" for path in choice
+                 for name in ("alpha", mixing.LOGITS))
   stale = {p for p in _leaf_paths(new_state) if p.endswith(alphas)}
   if stale:
     raise ValueError(f"freeze cannot gather the optimizer state at {sorted(stale)[:3]}: only "

@@ -42,7 +42,7 @@ class Recipe:
   block: b x b block-diagonals, an upper bound (each layer takes the largest b <= block that
   divides its kernel, and with `cover` also lets its K diagonals connect every input and
   output, K D >= P: `pattern.largest_covering_block`; 1 is the paper's method); mixing: the layers' input permutation
-  ('none' | 'stride' | 'random', `dynadiag_jax.mixing`). A layer's own `block` / `mixing`,
+  ('none' | 'stride' | 'random' | 'learned', `dynadiag_jax.mixing`). A layer's own `block` / `mixing`,
   when set, overrides these. gate: a `gates.NAMES` gate; freeze_fraction: exploration share of training, then the
   freeze; t_start / t_end: cosine temperature of the soft top-k; k_start_fraction: K_active
   starts at this share of P (cosine down to K); num_levels: K_active levels (one compile
