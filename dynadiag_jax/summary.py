@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from dynadiag_jax import cover, pattern
+from dynadiag_jax import cover, mixing, pattern
 from dynadiag_jax.diag_dense import COLLECTION
 from dynadiag_jax.probe import LinearCall, linear_calls
 
@@ -86,8 +86,24 @@ def unconnected(variables: Any, c: LinearCall) -> tuple[int, int] | None:
   return (c.m - b * len(np.unique(rows_KxD)), c.n - b * len(np.unique(cols_KxD)))
 
 
+def permuted(variables: Any, c: LinearCall) -> float | None:
+  """Share of a DiagDense's input slots that read another feature than their own (None: no
+  permutation); a learned mixing while exploring: that of the permutation the freeze would keep."""
+  if not c.sparse:
+    return None
+  col = _at(variables.get(COLLECTION, {}), c.path)
+  logits = _at(variables["params"], c.path).get(mixing.LOGITS)
+  if logits is not None:
+    perm = mixing.hard(np.asarray(logits))
+  elif "perm" in col:
+    perm = np.asarray(col["perm"]).reshape(-1)
+  else:
+    return None
+  return float(np.mean(perm != np.arange(perm.size)))
+
+
 def _row(c: LinearCall, held: int, masked: bool,
-         dead: tuple[int, int] | None = None) -> list[str]:
+         dead: tuple[int, int] | None = None, moved: float | None = None) -> list[str]:
   kind = ("diag, frozen" if c.frozen else "diag") if c.sparse else (
       "dense, masked" if masked else "dense")
   k = f"{c.k}" + (f" ({c.k_active} active)" if c.sparse and c.k_active != c.k else "")
@@ -96,18 +112,20 @@ def _row(c: LinearCall, held: int, masked: bool,
           str(c.p) if c.sparse else "-", k if c.sparse else "-",
           f"{c.requested:.3f}" if c.sparse else "-", f"{got:.4f}", f"{held:,}",
           f"{c.m * c.n:,}", f"{c.n if c.use_bias else 0:,}",
-          "-" if dead is None else f"{dead[0]:,} / {dead[1]:,}"]
+          "-" if dead is None else f"{dead[0]:,} / {dead[1]:,}",
+          "-" if moved is None else f"{moved:.0%}"]
 
 
 def summarize(model: nn.Module, variables: Any, *inputs,
               masks_kept: Mapping[str, int] | None = None, **kwargs) -> str:
   """A table per linear layer (shape, block, P, K, sparsity asked and got, weights, inputs and
-  outputs no kept diagonal touches) and totals; `masks_kept` as in `totals` (a mask method's
+  outputs no kept diagonal touches, share of inputs a mixing permutes) and totals; `masks_kept` as in `totals` (a mask method's
   layers at what their masks keep)."""
   t = totals(model, variables, *inputs, masks_kept=masks_kept, **kwargs)
   head = ["layer", "kind", "m x n", "b", "P", "K", "sparsity asked", "sparsity got",
-          "kernel weights", "dense kernel", "bias", "unconnected in / out"]
-  rows = [head] + [_row(c, t["held"][c.path], _mask_key(c) in t["masked"], unconnected(variables, c))
+          "kernel weights", "dense kernel", "bias", "unconnected in / out", "permuted"]
+  rows = [head] + [_row(c, t["held"][c.path], _mask_key(c) in t["masked"],
+                        unconnected(variables, c), permuted(variables, c))
                    for c in t["layers"]]
   widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
   fmt = lambda r: "  ".join(v.ljust(w) if i < 2 else v.rjust(w)

@@ -193,3 +193,19 @@ def test_learned_mixing_trains_and_freezes_in_a_loop(rng):
   perm = np.asarray(variables["dynadiag"]["a"]["perm"])
   assert sorted(perm) == list(range(32))
   assert losses[-1] < losses[0]
+
+
+def test_summary_reports_the_share_of_permuted_inputs(rng):
+  layer, v, x = _learned(rng)
+  perm = np.arange(32)
+  perm[:8] = perm[:8][::-1]  # 8 slots read another feature
+  v["params"]["perm_logits"] = jnp.asarray(np.eye(32)[perm], jnp.float32)
+  calls = dd.linear_calls(layer, v, x)
+  assert dd.summary.permuted(v, calls[0]) == 0.25  # exploring: the perm the freeze would keep
+  frozen, _ = dd.freeze(v)
+  assert dd.summary.permuted(frozen, dd.linear_calls(layer, frozen, x)[0]) == 0.25
+  table = dd.summarize(layer, frozen, x)
+  assert "permuted" in table.splitlines()[0] and table.splitlines()[2].rstrip().endswith("25%")
+  plain = dd.DiagDense(64, sparsity=0.75, block=8)
+  pv = plain.init(jax.random.PRNGKey(0), x)
+  assert dd.summary.permuted(pv, dd.linear_calls(plain, pv, x)[0]) is None

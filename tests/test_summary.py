@@ -87,6 +87,6 @@ def test_rigl_run_reports_the_sparsity_of_its_masks(tmp_path):
   assert 0.85 < s["sparsity"] < 0.95
   rows = [l for l in r.stdout.splitlines() if l.startswith(("fc1 ", "fc2 ", "head "))]
   assert len(rows) == 3 and all("dense, masked" in l for l in rows), r.stdout
-  assert sum(int(l.split()[-4].replace(",", "")) for l in rows) == sum(s["layer_kept"].values())
+  assert sum(int(l.split()[-5].replace(",", "")) for l in rows) == sum(s["layer_kept"].values())
   assert f"masked kernels: sparsity {s['sparsity']:.4f}" in r.stdout
   assert f"sparsity {s['sparsity']:.4f}  stored {s['stored_params']:,}" in r.stdout
