@@ -4,6 +4,7 @@
     python -m benchmarks.models --quick          # depth 4, batch 4
     python -m benchmarks.models --parts          # one encoder block, piece by piece
     python -m benchmarks.models --recipe fast    # a named recipe: its block, mixing, cover
+    python -m benchmarks.models --recipe fast --mixing learned   # and another mixing
 
 Every linear layer of the encoder blocks (qkv, attn_out, mlp_in, mlp_out) is a DiagDense
 at the given sparsity and block (each layer the largest valid block up to it), backend
@@ -69,7 +70,7 @@ def _train(model, rest, closed: bool, tx):
 
 
 def build(variant: str, depth: int | None, sparsity: float, block: int | None, image: int,
-          batch: int, key, recipe: str = "default"):
+          batch: int, key, recipe: str | dd.recipe.Recipe = "default"):
   """{name: (kind, fn, state)}: inference and train variants, each compiled once (block None:
   the recipe's)."""
   x = jax.random.normal(key, (batch, image, image, 3), jnp.float32)
@@ -172,6 +173,8 @@ def main(argv=None) -> None:
                   help="block of every sparse layer (default 64, or the --recipe's)")
   ap.add_argument("--recipe", default=None,
                   help="a named recipe (dd.recipe.RECIPES): its block, mixing, cover and gate")
+  ap.add_argument("--mixing", default=None, choices=dd.mixing.NAMES,
+                  help="input permutation of every sparse layer (default: the recipe's)")
   ap.add_argument("--batch", type=int, default=None, help="images per call (default 8)")
   ap.add_argument("--image", type=int, default=224)
   ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5)")
@@ -189,8 +192,10 @@ def main(argv=None) -> None:
   key = jax.random.PRNGKey(0)
   print(f"  building and compiling ViT-{args.variant}/16 ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
-  vs = build(args.variant, depth, args.sparsity, args.block, args.image, batch, key,
-             args.recipe or "default")
+  recipe = dd.recipe.get(args.recipe or "default")
+  if args.mixing is not None:
+    recipe = recipe.replace(mixing=args.mixing)
+  vs = build(args.variant, depth, args.sparsity, args.block, args.image, batch, key, recipe)
   for name, (kind, fn, st) in vs.items():
     jax.block_until_ready(_call(kind, fn, st))
     print(f"  compiled {name} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -204,7 +209,8 @@ def main(argv=None) -> None:
   med = {k: statistics.median(t) for k, t in times.items()}
   print(f"{jax.default_backend()}, ViT-{args.variant}/16{f' depth {depth}' if depth else ''}, "
         f"{args.image} px, batch {batch}, float32, sparsity {args.sparsity:g} in qkv / attn_out / "
-        f"mlp_in / mlp_out, block {args.block}, recipe {args.recipe or 'default'}, backend auto, "
+        f"mlp_in / mlp_out, block {args.block}, recipe {args.recipe or 'default'}, mixing "
+        f"{recipe.mixing}, backend auto, "
         f"median of {repeats} interleaved rounds\n")
   print("| model | inference images/s | vs dense | train steps/s | vs dense |")
   print("|---|---|---|---|---|")
