@@ -1,5 +1,6 @@
 """train.py as a subprocess: SIGKILL / SIGTERM and rerun ends bitwise equal to an uninterrupted run
-(SIGTERM saves and exits 143); a corrupt checkpoint gives a clear error and is never overwritten."""
+(SIGTERM saves and exits 143; the run learns its input permutations, mixing='learned', so the
+soft permutation's logits and the freeze's hard one go through the kills too); a corrupt checkpoint gives a clear error and is never overwritten."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ FLAGS = [
     "--config.recipe.num_levels=3", "--config.model.hidden=(64,64)",
     "--config.checkpoint.every=10", "--config.checkpoint.keep=2", "--config.eval_every=0",
     "--config.log_every=10", "--config.progress_bar=False", "--config.num_devices=1",
-    "--config.fast_compile=True",
+    "--config.fast_compile=True", "--config.recipe.mixing=learned",
 ]
 
 
@@ -91,7 +92,8 @@ def test_killed_and_rerun_equals_uninterrupted(tmp_path):
   a, meta_a = checkpoint.load(str(ref / "checkpoints"))
   b, meta_b = checkpoint.load(str(run / "checkpoints"))
   assert meta_a["step"] == meta_b["step"] == STEPS and meta_b["frozen"]
-  _same(a, b)  # params, optimizer state, rng: bitwise
+  assert any(k.endswith("/perm") for k in a) and not any("perm_logits" in k for k in a)
+  _same(a, b)  # params, optimizer state, rng, the learned permutations: bitwise
   sa = progress.read_metrics(str(ref))
   sb = progress.read_metrics(str(run))
   la = {r["step"]: r["loss"] for r in sa if r.get("split") == "train"}
