@@ -123,9 +123,7 @@ class DiagDense(nn.Module):
     geo = Geometry(m, n, self.block_for(m))
     k = pattern.num_kept(m, n, self.sparsity, geo.block)
     gate_name = self.recipe.gate
-    cfg = self.kernel_config
-    if self.precision is not None:
-      cfg = dataclasses.replace(cfg, precision=self.precision)
+    cfg = self.layer_kernel_config
 
     if self.has_variable(COLLECTION, "offsets"):  # frozen: a static K-diagonal layer
       o_K = self.get_variable(COLLECTION, "offsets")
@@ -180,6 +178,13 @@ class DiagDense(nn.Module):
     x, v, bias = nn.dtypes.promote_dtype(x, v, bias, dtype=self.dtype)
     y = ops.diag_matmul(x, v, o_K, m, n, backend=self.backend, kernel=cfg)
     return y if bias is None else y + bias
+
+  @property
+  def layer_kernel_config(self) -> KernelConfig:
+    """The products' kernel settings: `kernel_config`, its precision `precision` when set."""
+    if self.precision is None:
+      return self.kernel_config
+    return dataclasses.replace(self.kernel_config, precision=self.precision)
 
   @property
   def layer_mixing(self) -> str:
@@ -303,8 +308,7 @@ def check_settings(features: int, sparsity: Any, block: int | None, backend: str
     pattern.check_sparsity(sparsity)
   except (ValueError, TypeError) as e:
     raise ValueError(f"{where}{e}") from None
-  if block is not None and (isinstance(block, bool) or not isinstance(block, (int, np.integer))
-                            or block < 1):
+  if block is not None and not pattern.is_block_size(block):
     raise ValueError(f"{where}block must be an integer >= 1 (or None: the recipe's), got "
                      f"{block!r}")
   try:

@@ -72,8 +72,7 @@ def frozen_layer(layer: nn.Module, m: int) -> FrozenLayer | None:
   if geo.block < 2 or tuple(v.shape) != geo.values_shape(o_K.shape[0]):
     return None
   bias = layer.get_variable("params", "bias") if layer.use_bias else None
-  prec = layer.precision if layer.precision is not None else layer.kernel_config.precision
-  return FrozenLayer(v, o_K, bias, geo, prec, layer.dtype)
+  return FrozenLayer(v, o_K, bias, geo, layer.layer_kernel_config.precision, layer.dtype)
 
 
 def _xla_for(layer: nn.Module, f: FrozenLayer, rows: int) -> bool:

@@ -82,6 +82,12 @@ def diag_length(m: int, n: int, block: int = 1) -> int:
   return Geometry(m, n, block).D
 
 
+def is_block_size(block) -> bool:
+  """Whether `block` is an integer >= 1 (not a bool): a valid block-size setting."""
+  return (not isinstance(block, bool) and isinstance(block, (int, np.integer))
+          and block >= 1)
+
+
 def check_sparsity(sparsity: float) -> float:
   """Returns `sparsity` as float, or raises ValueError outside [0, 1)."""
   s = float(sparsity)

@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from dynadiag_jax import gates
+from dynadiag_jax import gates, pattern
 from dynadiag_jax.mixing import NAMES as MIXINGS
 from dynadiag_jax.schedules import Schedule
 
@@ -64,8 +64,7 @@ class Recipe:
   experimental: Experimental = Experimental()
 
   def __post_init__(self):
-    if isinstance(self.block, bool) or not isinstance(self.block, (int, np.integer)) or \
-        self.block < 1:
+    if not pattern.is_block_size(self.block):
       raise ValueError(f"recipe.block must be an integer >= 1, got {self.block!r}")
     object.__setattr__(self, "block", int(self.block))
     if self.mixing not in MIXINGS:
