@@ -13,7 +13,6 @@ from dynadiag_jax import recipe as recipe_lib
 from dynadiag_jax.recipe import Recipe
 
 ALPHA = "alpha"
-LOGITS = mixing.LOGITS
 
 
 def _key_name(k) -> str:
@@ -33,7 +32,7 @@ def decay_mask(params: Any) -> Any:
   """True where weight decay applies: kernels and diagonal values, not alpha, biases or a
   learned mixing's logits (decay would pull them towards the uniform mix)."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: _last_key(p) not in (ALPHA, "bias", "scale", LOGITS) and jnp.ndim(x) > 1,
+      lambda p, x: _last_key(p) not in (ALPHA, "bias", "scale", mixing.LOGITS) and jnp.ndim(x) > 1,
       params)
 
 

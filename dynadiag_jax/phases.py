@@ -154,7 +154,7 @@ def _layer_choice(params: Mapping, col: Mapping,
   return np.asarray(kept), g
 
 
-_DROPPED = ("alpha", "values", mixing.LOGITS)  # exploring params the freeze replaces or drops
+_GONE = ("alpha", mixing.LOGITS)  # exploring params the freeze drops (and their optimizer state)
 
 
 def _params_like(node: Any, params: Any) -> bool:
@@ -215,7 +215,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
     folded = (g_K * jnp.asarray(v, jnp.float32)[idx]).astype(v.dtype)
     learned = {"perm": mixing.hard(layer[mixing.LOGITS])} if mixing.LOGITS in layer else {}
     out = _replace_at(out, ("params",) + path, lambda d: {
-        **{k: x for k, x in d.items() if k not in _DROPPED}, "values": folded})
+        **{k: x for k, x in d.items() if k not in _GONE + ("values",)}, "values": folded})
     out = _replace_at(out, (COLLECTION,) + path, lambda d, learned=learned: {
         "offsets": np.asarray(idx, np.int32),
         **{key: d[key] for key in ("in_features", "perm") if key in d}, **learned})
@@ -229,7 +229,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
     node = _to_dict(node)
     for path, idx in choice.items():
       def layer(d, idx=idx):
-        d = {k: v for k, v in d.items() if k not in ("alpha", mixing.LOGITS)}
+        d = {k: v for k, v in d.items() if k not in _GONE}
         if not isinstance(d["values"], optax.MaskedNode):
           d["values"] = jnp.asarray(d["values"])[idx]
         return d
@@ -239,7 +239,7 @@ def freeze(variables: Mapping[str, Any], opt_state: Any = None,
   old_params = _to_dict(variables)["params"]
   new_state = _gather_state(opt_state, old_params, remap)
   alphas = tuple("".join(f"['{k}']" for k in path) + f"['{name}']" for path in choice
-                 for name in ("alpha", mixing.LOGITS))
+                 for name in _GONE)
   stale = {p for p in _leaf_paths(new_state) if p.endswith(alphas)}
   if stale:
     raise ValueError(f"freeze cannot gather the optimizer state at {sorted(stale)[:3]}: only "
